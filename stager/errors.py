@@ -1,0 +1,56 @@
+"""Every exception the stager raises, each a subclass of the builtin a caller would catch.
+
+Messages follow one shape: what went wrong (with the state-dict key path or the knob), what was
+got, what was expected, and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "StagerError",
+    "StagingInputError",
+    "StagerConfigError",
+    "StagingMemoryError",
+    "LeaseTimeoutError",
+    "StagerClosedError",
+    "RegionTableError",
+]
+
+
+class StagerError(Exception):
+    """Base class of every error raised by ``stager``."""
+
+
+class StagingInputError(StagerError, ValueError):
+    """A leaf of the state dict cannot be staged (meta, sparse, unsupported subclass, ...).
+
+    Raised while planning, before any byte is copied, with the leaf's key path.
+    """
+
+    def __init__(self, path: str, problem: str, hint: str = "") -> None:
+        self.path = path
+        self.problem = problem
+        msg = f"cannot stage state_dict{path}: {problem}"
+        if hint:
+            msg += f"; {hint}"
+        super().__init__(msg)
+
+
+class StagerConfigError(StagerError, ValueError):
+    """A configuration value (keyword, ``STAGER_*`` variable or profile entry) is invalid."""
+
+
+class StagingMemoryError(StagerError, MemoryError):
+    """Staging would exceed the host or device memory the stager may use."""
+
+
+class LeaseTimeoutError(StagerError, TimeoutError):
+    """A staged copy still held by its consumer did not come free within the lease timeout."""
+
+
+class StagerClosedError(StagerError, RuntimeError):
+    """The stager was used after ``close()``."""
+
+
+class RegionTableError(StagerError, ValueError):
+    """A pack/unpack region table is malformed (bad dtype or shape, overlap, out of bounds)."""
