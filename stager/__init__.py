@@ -5,3 +5,29 @@ happen lazily on first use.
 """
 
 from __future__ import annotations
+
+from stager.config import StagerConfig
+from stager.errors import (
+    LeaseTimeoutError,
+    RegionTableError,
+    StagerClosedError,
+    StagerConfigError,
+    StagerError,
+    StagingInputError,
+    StagingMemoryError,
+)
+from stager.stager import GraphStager
+from stager.stats import StageStats
+
+__all__ = [
+    "GraphStager",
+    "StagerConfig",
+    "StageStats",
+    "StagerError",
+    "StagingInputError",
+    "StagerConfigError",
+    "StagingMemoryError",
+    "LeaseTimeoutError",
+    "StagerClosedError",
+    "RegionTableError",
+]

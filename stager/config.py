@@ -1,0 +1,162 @@
+"""``StagerConfig``: every knob, resolved from defaults < profile < ``STAGER_*`` < keywords.
+
+The environment is read once, in :meth:`StagerConfig.resolve`; the resolved config is frozen and
+records where each value came from (``config.sources``), which ``python -m stager doctor`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Mapping
+
+from stager.envs import KNOBS, KNOBS_BY_FIELD, CachePolicy, LeasePolicy, Mode
+from stager.errors import StagerConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["StagerConfig", "available_profiles", "load_profile"]
+
+
+def available_profiles() -> list[str]:
+    """Names of the profiles shipped in ``stager/profiles`` (``*.toml``)."""
+    root = resources.files("stager.profiles")
+    return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """Read one profile's key/value table; unknown names and keys raise ``StagerConfigError``."""
+    names = available_profiles()
+    if name not in names:
+        raise StagerConfigError(
+            f"unknown profile {name!r} (from STAGER_PROFILE or profile=); valid profiles: {', '.join(names)}"
+        )
+    text = resources.files("stager.profiles").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # pragma: no cover - shipped files are tested
+        raise StagerConfigError(f"profile {name!r} is not valid TOML: {exc}") from None
+    table.pop("description", None)
+    bad = sorted(k for k in table if k not in KNOBS_BY_FIELD or k == "profile")
+    if bad:
+        valid = ", ".join(k.field for k in KNOBS if k.field != "profile")
+        raise StagerConfigError(f"profile {name!r} has unknown keys {bad}; valid keys: {valid}")
+    return table
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagerConfig:
+    """Every tunable of the stager. Build it with :meth:`resolve`, not by hand.
+
+    Each field has a ``STAGER_*`` environment variable of the upper-cased name (see
+    ``stager.envs.KNOBS`` and the README table).
+    """
+
+    profile: str = "default"
+    """Name of the tuning preset (``STAGER_PROFILE``)."""
+    async_staging: bool = False
+    """``stage()`` returns a ``Future`` of the staged dict (``STAGER_ASYNC``)."""
+    pinned: Mode = Mode.AUTO
+    """Pin the host arena; auto pins when CUDA is available (``STAGER_PINNED``)."""
+    shared_memory: bool = False
+    """Host arena in shared memory for process-based writers (``STAGER_SHARED_MEMORY``)."""
+    cache_policy: CachePolicy = CachePolicy.AUTO
+    """Persistent or per-call host arenas (``STAGER_CACHE_POLICY``)."""
+    lease_policy: LeasePolicy = LeasePolicy.ALLOCATE
+    """Wait for a held arena or allocate another (``STAGER_LEASE_POLICY``)."""
+    lease_timeout: float = 300.0
+    """Seconds to wait for a held arena (``STAGER_LEASE_TIMEOUT``)."""
+    max_arenas: int = 2
+    """Most persistent arenas kept at once (``STAGER_MAX_ARENAS``)."""
+    alignment: int = 256
+    """Byte alignment of regions in the arena and device chunks (``STAGER_ALIGNMENT``)."""
+    pack_threshold: int = 1 << 20
+    """Regions below this many bytes are packed on the device (``STAGER_PACK_THRESHOLD``)."""
+    chunk_size: int = 64 << 20
+    """Bytes per device staging chunk (``STAGER_CHUNK_SIZE``)."""
+    replay_pieces: int = 1
+    """Pieces the staging program is replayed in (``STAGER_REPLAY_PIECES``)."""
+    graphs: Mode = Mode.AUTO
+    """CUDA-graph capture of the staging program (``STAGER_GRAPHS``)."""
+    triton: Mode = Mode.AUTO
+    """Triton pack kernel for small regions (``STAGER_TRITON``)."""
+    nvtx: bool = False
+    """NVTX ranges for nsys (``STAGER_NVTX``)."""
+    host_reserve: int = 1 << 30
+    """Host bytes never used for staging (``STAGER_HOST_RESERVE``)."""
+    device_reserve: int = 512 << 20
+    """Device bytes never used for staging chunks (``STAGER_DEVICE_RESERVE``)."""
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Where each value came from: ``default``, ``profile <name>``, ``env STAGER_X`` or ``argument``."""
+
+    @classmethod
+    def resolve(
+        cls, *, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> "StagerConfig":
+        """Resolve a config: defaults < profile < ``STAGER_*`` variables < ``overrides``.
+
+        ``environ`` defaults to ``os.environ`` (read here, once). An unknown keyword, an unknown
+        profile or a bad value raises :class:`~stager.errors.StagerConfigError`.
+        """
+        env = os.environ if environ is None else environ
+        unknown = sorted(k for k in overrides if k not in KNOBS_BY_FIELD)
+        if unknown:
+            raise StagerConfigError(
+                f"unknown StagerConfig option(s) {unknown}; valid options: "
+                + ", ".join(k.field for k in KNOBS)
+            )
+        values: dict[str, Any] = {k.field: k.default for k in KNOBS}
+        sources: dict[str, str] = {k.field: "default" for k in KNOBS}
+
+        knob = KNOBS_BY_FIELD["profile"]
+        if "profile" in overrides:
+            profile = knob.convert(overrides["profile"], "profile=")
+            sources["profile"] = "argument"
+        elif knob.env in env:
+            profile = knob.convert(env[knob.env], knob.env)
+            sources["profile"] = f"env {knob.env}"
+        else:
+            profile = knob.default
+        values["profile"] = profile
+        for name, raw in load_profile(profile).items():
+            values[name] = KNOBS_BY_FIELD[name].convert(raw, f"profile {profile!r} key {name}")
+            sources[name] = f"profile {profile}"
+
+        for knob in KNOBS:
+            if knob.field == "profile":
+                continue
+            if knob.env in env:
+                values[knob.field] = knob.convert(env[knob.env], knob.env)
+                sources[knob.field] = f"env {knob.env}"
+            if knob.field in overrides:
+                values[knob.field] = knob.convert(overrides[knob.field], f"{knob.field}=")
+                sources[knob.field] = "argument"
+        return cls(**values, sources=sources)
+
+    def replace(self, **overrides: Any) -> "StagerConfig":
+        """A copy with some values changed (validated as keywords)."""
+        unknown = sorted(k for k in overrides if k not in KNOBS_BY_FIELD or k == "profile")
+        if unknown:
+            raise StagerConfigError(f"cannot replace {unknown}; valid options: "
+                                    + ", ".join(k.field for k in KNOBS if k.field != "profile"))
+        converted = {k: KNOBS_BY_FIELD[k].convert(v, f"{k}=") for k, v in overrides.items()}
+        sources = dict(self.sources)
+        sources.update({k: "argument" for k in converted})
+        return dataclasses.replace(self, **converted, sources=sources)
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """``(variable, value, source)`` rows for every knob."""
+        rows = []
+        for knob in KNOBS:
+            value = getattr(self, knob.field)
+            shown = value.value if isinstance(value, Mode | CachePolicy | LeasePolicy) else value
+            if isinstance(shown, bool):
+                shown = int(shown)
+            rows.append((knob.env, str(shown), self.sources.get(knob.field, "default")))
+        return rows

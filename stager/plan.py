@@ -1,0 +1,417 @@
+"""The staging plan: a state dict flattened once, its storages de-duplicated and laid out in one arena.
+
+A plan is built from one state dict and reused for every later ``stage()`` of a dict with the same
+*signature*: the same nested structure (container types and keys) and, for every tensor, the same
+``(data_ptr, size, stride, dtype)``. Checking the signature is the only per-tensor Python work a
+replay does.
+
+Layout. Tensors are grouped by source storage. For each storage the plan stages one *region*: the
+byte span that its tensors reference (from the lowest first byte to the highest last byte, the
+start rounded down to the largest element size among them so every view keeps an integral
+``storage_offset``). Regions are laid out back to back in a host arena, each at a multiple of the
+configured alignment. Every staged tensor is rebuilt over its region's staged storage, which is
+exactly the region's bytes, so views stay views, tied weights stay tied and DCP's writer does not
+clone a staged tensor that had a storage of its own.
+
+Unlike PyTorch's ``StateDictStager``, which copies whole storages, only the referenced span of a
+storage is staged: a small view into a large buffer costs its own bytes, not the buffer's.
+
+Sources. The plan keeps a uint8 view of every source region, which keeps the source storages
+alive. That is what makes the signature sound: while the plan holds a storage, no other storage can
+take its address, so an equal ``data_ptr`` means the same memory. The views are dropped when the
+plan is replaced or the stager is closed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections import deque
+from itertools import islice
+import pickle
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from stager.errors import StagingInputError
+
+__all__ = ["Region", "Leaf", "Plan", "walk", "build_plan", "rebuild", "tensor_signature", "ATOMIC_TYPES"]
+
+# Leaves that deepcopy returns as themselves.
+ATOMIC_TYPES: frozenset[type] = frozenset(
+    {
+        type(None), int, float, bool, complex, str, bytes, range, type, types.FunctionType,
+        types.BuiltinFunctionType, torch.dtype, torch.device, torch.Size, torch.layout,
+        torch.memory_format,
+    }
+)
+_PLAIN_TENSOR_TYPES: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
+
+# Structure tokens, in pre-order. Each is a tuple whose first item is one of:
+_DICT, _FLATDICT, _LIST, _TUPLE, _NAMEDTUPLE, _TENSOR, _SUBTENSOR, _ATOM, _OBJECT = range(9)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One contiguous byte span of one source storage, staged as one storage in the arena."""
+
+    index: int
+    device: torch.device
+    nbytes: int
+    arena_offset: int
+    src_offset: int
+    """Byte offset of the span inside its source storage."""
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One tensor leaf: where it lives in its region, and how to rebuild it there."""
+
+    path: str
+    region: int
+    """Index of its region, or -1 for a tensor with no bytes (rebuilt as an empty tensor)."""
+    dtype: torch.dtype
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    """Storage offset in elements, relative to the region's first byte."""
+    cls: type
+
+
+@dataclass
+class Plan:
+    """A flattened, de-duplicated, laid-out state dict, reusable while its signature holds."""
+
+    tokens: list[tuple]
+    signature: list[tuple]
+    leaves: list[Leaf]
+    regions: list[Region]
+    arena_bytes: int
+    """Host bytes one staged copy needs (regions with their alignment padding)."""
+    nbytes: int
+    """Bytes that one stage copies (sum of region sizes, without padding)."""
+    alignment: int
+    src_views: list[torch.Tensor] = field(repr=False)
+    """uint8 view of every region's source span, in region order (keeps the sources alive)."""
+    devices: list[torch.device] = field(default_factory=list)
+    cpu_index: list[int] = field(default_factory=list)
+    """Indices of the regions whose source is on the CPU."""
+    cpu_src: list[torch.Tensor] = field(default_factory=list, repr=False)
+    """``src_views`` of the CPU regions, in ``cpu_index`` order."""
+    device_regions: dict[torch.device, list[int]] = field(default_factory=dict)
+    """Indices of the regions on each accelerator device."""
+
+    def matches(self, tokens: list[tuple], signature: list[tuple]) -> bool:
+        """Whether a walked state dict can be staged with this plan."""
+        return tokens == self.tokens and signature == self.signature
+
+    def release_sources(self) -> None:
+        """Drop the references to the source storages."""
+        self.src_views = []
+        self.cpu_src = []
+
+
+def tensor_signature(tensors: list[torch.Tensor]) -> list[tuple]:
+    """``(data_ptr, size, stride, dtype)`` of every tensor: what a replay must find unchanged."""
+    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
+
+
+# --------------------------------------------------------------------------------------------
+# Walking a state dict
+# --------------------------------------------------------------------------------------------
+
+
+class _Finder(pickle.Pickler):
+    """Finds the tensors inside an arbitrary object, the way pickling (and deepcopy) reaches them."""
+
+    def __init__(self, found: list[torch.Tensor]) -> None:
+        super().__init__(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.found = found
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            self.found.append(obj)
+            return len(self.found) - 1
+        return None
+
+
+def walk(
+    obj: Any,
+    tokens: list[tuple],
+    tensors: list[torch.Tensor],
+    others: list[Any],
+    paths: list[str] | None = None,
+    path: str = "",
+) -> None:
+    """Flatten ``obj`` in pre-order into structure ``tokens``, ``tensors`` and non-tensor ``others``.
+
+    ``paths`` (planning only) receives the key path of every tensor, for error messages.
+    """
+    cls = type(obj)
+    if cls in _PLAIN_TENSOR_TYPES:
+        tokens.append((_TENSOR,))
+        tensors.append(obj)
+        if paths is not None:
+            paths.append(path)
+    elif isinstance(obj, dict):
+        keys = tuple(obj)
+        values = list(obj.values())
+        if cls is dict and values and set(map(type, values)) <= _PLAIN_TENSOR_TYPES:
+            # A flat dict of tensors (model.state_dict()): no per-value recursion.
+            tokens.append((_FLATDICT, keys))
+            tensors.extend(values)
+            if paths is not None:
+                paths.extend(f"{path}[{k!r}]" for k in keys)
+            return
+        if cls is dict:
+            tokens.append((_DICT, cls, keys))
+        else:
+            tokens.append((_DICT, cls, keys))
+            others.append(obj)  # the container itself: copied shallowly, then refilled
+        for k, v in zip(keys, values):
+            walk(v, tokens, tensors, others, paths, f"{path}[{k!r}]" if paths is not None else "")
+    elif cls is list or cls is tuple:
+        tokens.append((_LIST if cls is list else _TUPLE, len(obj)))
+        for i, v in enumerate(obj):
+            walk(v, tokens, tensors, others, paths, f"{path}[{i}]" if paths is not None else "")
+    elif isinstance(obj, tuple) and hasattr(cls, "_fields"):
+        tokens.append((_NAMEDTUPLE, cls, len(obj)))
+        for name, v in zip(cls._fields, obj):
+            walk(v, tokens, tensors, others, paths, f"{path}.{name}" if paths is not None else "")
+    elif isinstance(obj, torch.Tensor):
+        tokens.append((_SUBTENSOR, cls))
+        tensors.append(obj)
+        if paths is not None:
+            paths.append(path)
+    elif cls in ATOMIC_TYPES:
+        tokens.append((_ATOM, cls))
+        others.append(obj)
+    else:
+        # An arbitrary object (list/tuple subclass, scheduler, dataclass...): deep-copied on every
+        # stage, with any tensor it holds staged through the plan like any other leaf.
+        found: list[torch.Tensor] = []
+        try:
+            _Finder(found).dump(obj)
+        except Exception as exc:
+            raise StagingInputError(
+                path or "<root>",
+                f"object of type {cls.__qualname__} cannot be copied ({type(exc).__name__}: {exc})",
+                "make it picklable/deep-copyable or remove it from the state dict",
+            ) from None
+        tokens.append((_OBJECT, cls, len(found)))
+        others.append(obj)
+        for i, t in enumerate(found):
+            walk(t, tokens, tensors, others, paths, f"{path}<{cls.__qualname__} tensor {i}>")
+
+
+def rebuild(
+    tokens: list[tuple],
+    staged: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    others: list[Any],
+) -> Any:
+    """Rebuild the nested structure from ``tokens`` around the ``staged`` tensors.
+
+    ``sources`` are the walked source tensors (same order as ``staged``), needed to deep-copy
+    arbitrary objects with their tensors replaced by the staged ones.
+    """
+    tok_it = iter(tokens)
+    ten_it = iter(range(len(staged)))
+    oth_it = iter(others)
+    memo: dict[int, Any] = {}
+    return _build(tok_it, ten_it, oth_it, staged, sources, memo)
+
+
+def _build(
+    tok_it: Iterator[tuple],
+    ten_it: Iterator[int],
+    oth_it: Iterator[Any],
+    staged: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    memo: dict[int, Any],
+) -> Any:
+    tok = next(tok_it)
+    kind = tok[0]
+    if kind == _TENSOR:
+        return staged[next(ten_it)]
+    if kind == _FLATDICT:
+        keys = tok[1]
+        first = next(ten_it)
+        deque(islice(ten_it, len(keys) - 1), maxlen=0)
+        return dict(zip(keys, staged[first : first + len(keys)]))
+    if kind == _DICT:
+        cls, keys = tok[1], tok[2]
+        template = None if cls is dict else next(oth_it)
+        values = [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in keys]
+        if template is None:
+            return dict(zip(keys, values))
+        out = copy.copy(template)
+        out.clear()
+        out.update(zip(keys, values))
+        if getattr(template, "__dict__", None):
+            out.__dict__.update(copy.deepcopy(template.__dict__, memo))
+        return out
+    if kind == _LIST:
+        return [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[1])]
+    if kind == _TUPLE:
+        return tuple(_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[1]))
+    if kind == _NAMEDTUPLE:
+        return tok[1](*[_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[2])])
+    if kind == _SUBTENSOR:
+        i = next(ten_it)
+        src = sources[i]
+        out = staged[i].as_subclass(tok[1])
+        for name, value in getattr(src, "__dict__", {}).items():
+            setattr(out, name, copy.deepcopy(value, memo))
+        return out
+    if kind == _ATOM:
+        return next(oth_it)
+    if kind == _OBJECT:
+        obj = next(oth_it)
+        local = dict(memo)
+        for _ in range(tok[2]):
+            next(tok_it)  # the tensor tokens of the object, consumed here
+            i = next(ten_it)
+            local[id(sources[i])] = staged[i]
+        return copy.deepcopy(obj, local)
+    raise AssertionError(f"unknown structure token {tok!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to one past its last (0 for no elements)."""
+    if t.numel() == 0:
+        return 0
+    extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return extent * t.element_size()
+
+
+def _check_leaf(t: torch.Tensor, path: str) -> None:
+    """Raise ``StagingInputError`` for a tensor this stager cannot stage faithfully."""
+    described = f"(dtype={t.dtype}, shape={tuple(t.shape)}, device={t.device}, layout={t.layout})"
+    if t.layout != torch.strided:
+        raise StagingInputError(
+            path, f"layout {t.layout} is not supported {described}",
+            "convert it with .to_dense() or keep it out of the state dict",
+        )
+    if t.device.type == "meta":
+        raise StagingInputError(
+            path, f"meta tensor has no data to stage {described}",
+            "materialise it (e.g. module.to_empty(device=...) and load or initialise it) first",
+        )
+    if t.is_quantized:
+        raise StagingInputError(path, f"quantized tensors are not supported {described}")
+    if t.is_conj() or t.is_neg():
+        raise StagingInputError(
+            path, f"lazy conjugate/negative view {described}", "call .resolve_conj()/.resolve_neg() first"
+        )
+    if type(t) not in _PLAIN_TENSOR_TYPES:
+        try:
+            t.untyped_storage()
+            t.data_ptr()
+        except (RuntimeError, NotImplementedError) as exc:
+            raise StagingInputError(
+                path, f"tensor subclass {type(t).__qualname__} has no storage of its own ({exc})",
+                "stage its local tensor(s) instead",
+            ) from None
+    if t.numel() and _span_bytes(t) + t.storage_offset() * t.element_size() > t.untyped_storage().nbytes():
+        raise StagingInputError(
+            path, f"tensor reaches past the end of its storage {described}; was its storage freed or resized?"
+        )
+
+
+def _align_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def build_plan(
+    tokens: list[tuple],
+    tensors: list[torch.Tensor],
+    paths: list[str],
+    *,
+    alignment: int,
+    check: Callable[[torch.Tensor, str], None] | None = None,
+) -> Plan:
+    """Validate every tensor, group them by storage and lay the regions out in one arena.
+
+    Raises :class:`~stager.errors.StagingInputError` (naming the key path) before anything is
+    allocated or copied.
+    """
+    for t, p in zip(tensors, paths):
+        _check_leaf(t, p)
+        if check is not None:
+            check(t, p)
+
+    # storage key -> [min start byte, max end byte, max itemsize, storage, device, first index]
+    groups: dict[tuple[int, torch.device], list[Any]] = {}
+    order: list[tuple[int, torch.device]] = []
+    per_tensor: list[tuple[tuple[int, torch.device], int] | None] = []
+    for t in tensors:
+        span = _span_bytes(t)
+        if span == 0:
+            per_tensor.append(None)
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        start = t.storage_offset() * t.element_size()
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [start, start + span, t.element_size(), st]
+            order.append(key)
+        else:
+            g[0] = min(g[0], start)
+            g[1] = max(g[1], start + span)
+            g[2] = max(g[2], t.element_size())
+        per_tensor.append((key, start))
+
+    regions: list[Region] = []
+    src_views: list[torch.Tensor] = []
+    index_of: dict[tuple[int, torch.device], int] = {}
+    offset = 0
+    for key in order:
+        lo, hi, itemsize, st = groups[key]
+        lo -= lo % itemsize
+        nbytes = hi - lo
+        region = Region(index=len(regions), device=key[1], nbytes=nbytes, arena_offset=offset, src_offset=lo)
+        index_of[key] = region.index
+        regions.append(region)
+        src_views.append(torch.empty(0, dtype=torch.uint8, device=key[1]).set_(st, lo, (nbytes,), (1,)))
+        offset = _align_up(offset + nbytes, alignment)
+
+    leaves: list[Leaf] = []
+    for t, p, where in zip(tensors, paths, per_tensor):
+        size, stride = tuple(t.shape), tuple(t.stride())
+        if where is None:
+            leaves.append(Leaf(p, -1, t.dtype, size, stride, 0, type(t)))
+            continue
+        key, start = where
+        r = regions[index_of[key]]
+        rel = start - r.src_offset
+        leaves.append(Leaf(p, r.index, t.dtype, size, stride, rel // t.element_size(), type(t)))
+
+    devices = sorted({r.device for r in regions}, key=str)
+    cpu_index = [r.index for r in regions if r.device.type == "cpu"]
+    device_regions: dict[torch.device, list[int]] = {}
+    for r in regions:
+        if r.device.type != "cpu":
+            device_regions.setdefault(r.device, []).append(r.index)
+    return Plan(
+        tokens=tokens,
+        signature=tensor_signature(tensors),
+        leaves=leaves,
+        regions=regions,
+        arena_bytes=max(offset, 1),
+        nbytes=sum(r.nbytes for r in regions),
+        alignment=alignment,
+        src_views=src_views,
+        devices=devices,
+        cpu_index=cpu_index,
+        cpu_src=[src_views[i] for i in cpu_index],
+        device_regions=device_regions,
+    )

@@ -1,0 +1,289 @@
+"""``GraphStager``: a drop-in ``AsyncStager`` for ``torch.distributed.checkpoint.async_save``.
+
+One ``stage()`` call:
+
+1. walks the state dict and checks it against the cached plan (re-plans when it changed; bad
+   input raises here, before anything is copied);
+2. takes a host arena for the staged copy: a free cached one, another one, a fresh one or, per the
+   lease policy, waits for one to come free (see :mod:`stager.headroom`);
+3. copies every source region into its slot (CPU sources: one ``_foreach_copy_``; device sources:
+   the staging program, see :mod:`stager.graphs`);
+4. rebuilds the nested structure around the staged tensors and deep-copies the other leaves.
+
+With ``async_staging`` on, steps 2-4 run on a background thread and ``stage()`` returns a
+``concurrent.futures.Future`` of the staged dict, as DCP's ``DefaultStager`` does.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from stager.arena import HostArena, StagedSet
+from stager.config import StagerConfig
+from stager.envs import CachePolicy, LeasePolicy, Mode
+from stager.errors import LeaseTimeoutError, StagerClosedError
+from stager.plan import Plan, build_plan, rebuild, tensor_signature, walk
+from stager.stats import StageStats
+
+__all__ = ["GraphStager"]
+
+log = logging.getLogger("stager")
+
+
+class GraphStager:
+    """Stage state dicts into host memory with a cached plan and leased, reusable host arenas.
+
+    Implements DCP's ``AsyncStager`` protocol, so it plugs into
+    ``dcp.async_save(state_dict, checkpoint_id=path, async_stager=GraphStager())``.
+
+    Args:
+        config: a resolved :class:`~stager.config.StagerConfig`; by default one is resolved from
+            the profile and the ``STAGER_*`` environment.
+        **overrides: config fields to set explicitly (they win over everything else).
+
+    The staged copy has the structure of the input; every tensor is a CPU tensor with the same
+    dtype, shape, stride and bytes (``requires_grad=False``; ``nn.Parameter`` becomes a plain
+    tensor, as with PyTorch's ``StateDictStager``); tensors that share a source storage share a
+    staged storage; other leaves are deep-copied. The copy stays valid while anything holds it:
+    a later ``stage()`` never overwrites it.
+    """
+
+    def __init__(self, config: StagerConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = StagerConfig.resolve(**overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        self.config = config
+        self._plan: Plan | None = None
+        self._sets: list[StagedSet] = []
+        self._closed = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+        self._lock = threading.Lock()
+        self.last_stats: StageStats | None = None
+        """Statistics of the most recent ``stage()`` call."""
+        self.plans_built = 0
+        """How many times a plan was built (first stage and every change of the state dict)."""
+        self._pinned = self._want_pinned()
+
+    # ---------------------------------------------------------------- AsyncStager protocol
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        """Whether DCP should call :meth:`synchronize_staging` after starting the write.
+
+        Synchronous staging is complete when ``stage()`` returns; asynchronous staging returns a
+        ``Future`` that DCP waits on itself.
+        """
+        return False
+
+    def stage(self, state_dict: Any) -> Any:
+        """Return a staged host copy of ``state_dict``, or a ``Future`` of it with async staging.
+
+        Raises:
+            StagingInputError: a leaf cannot be staged (names its key path); nothing was copied.
+            StagingMemoryError: no host memory for the copy under the configured limits.
+            LeaseTimeoutError: the lease policy is ``wait`` and no arena came free in time.
+            StagerClosedError: the stager was closed.
+        """
+        if self._closed:
+            raise StagerClosedError("stage() called on a closed GraphStager; create a new one")
+        t0 = time.perf_counter()
+        stats = StageStats()
+        plan, tensors, others = self._check_plan(state_dict, stats)
+        stats.plan_s = time.perf_counter() - t0
+        if not self.config.async_staging:
+            staged = self._stage_into(plan, tensors, others, stats, t0)
+            stats.blocked_s = time.perf_counter() - t0
+            self._finish(stats)
+            return staged
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
+
+        def run() -> Any:
+            staged = self._stage_into(plan, tensors, others, stats, t0)
+            self._finish(stats)
+            return staged
+
+        self._future = self._executor.submit(run)
+        stats.blocked_s = time.perf_counter() - t0
+        return self._future
+
+    def synchronize_staging(self) -> None:
+        """Wait until the last asynchronous ``stage()`` is complete (no-op when synchronous)."""
+        if self._future is not None:
+            self._future.result()
+
+    def close(self) -> None:
+        """Wait for staging in flight, then drop the plan, its source references and the arenas.
+
+        Staged dicts already handed out stay valid (their memory lives as long as they do).
+        Calling ``close()`` twice is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._sets.clear()
+        if self._plan is not None:
+            self._plan.release_sources()
+        self._plan = None
+
+    def __enter__(self) -> "GraphStager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- planning
+
+    @property
+    def plan(self) -> Plan | None:
+        """The current plan (``None`` before the first ``stage()``)."""
+        return self._plan
+
+    def _check_plan(self, state_dict: Any, stats: StageStats) -> tuple[Plan, list[torch.Tensor], list[Any]]:
+        tokens: list[tuple] = []
+        tensors: list[torch.Tensor] = []
+        others: list[Any] = []
+        walk(state_dict, tokens, tensors, others)
+        plan = self._plan
+        if plan is not None and plan.matches(tokens, tensor_signature(tensors)):
+            return plan, tensors, others
+        # Walk again with key paths, validate every leaf, lay out a new arena.
+        paths: list[str] = []
+        tokens, tensors, others = [], [], []
+        walk(state_dict, tokens, tensors, others, paths)
+        new_plan = build_plan(tokens, tensors, paths, alignment=self.config.alignment)
+        self._replace_plan(new_plan)
+        stats.replanned = True
+        return new_plan, tensors, others
+
+    def _replace_plan(self, plan: Plan) -> None:
+        if self._future is not None and not self._future.done():
+            self._future.result()  # the worker must not be using the old plan's sets
+        old = self._plan
+        self._plan = plan
+        self.plans_built += 1
+        # Arenas of free cached sets are reused by the new plan when large enough.
+        self._spare_arenas = [s.arena for s in self._sets if not s.leased() and s.arena.nbytes >= plan.arena_bytes]
+        self._sets = []
+        if old is not None:
+            old.release_sources()
+        log.debug("stager: new plan, %d tensors in %d regions, %d bytes", len(plan.leaves), len(plan.regions), plan.arena_bytes)
+
+    # ---------------------------------------------------------------- arenas and leases
+
+    def _want_pinned(self) -> bool:
+        mode = self.config.pinned
+        if mode is Mode.OFF:
+            return False
+        available = torch.cuda.is_available()
+        if mode is Mode.ON and not available:
+            log.warning("stager: STAGER_PINNED=on but CUDA is not available; the arena is not pinned")
+        return available
+
+    def _new_arena(self, plan: Plan, stats: StageStats) -> HostArena:
+        spare = getattr(self, "_spare_arenas", None)
+        if spare:
+            return spare.pop()
+        arena = HostArena(plan.arena_bytes, pinned=self._pinned, shared=self.config.shared_memory)
+        stats.alloc_s += arena.alloc_s + arena.pin_s
+        return arena
+
+    def _acquire(self, plan: Plan, stats: StageStats) -> StagedSet:
+        cfg = self.config
+        if cfg.cache_policy is not CachePolicy.FRESH:
+            for s in self._sets:
+                if s.try_acquire():
+                    stats.arena = "cached"
+                    return s
+            if cfg.lease_policy is LeasePolicy.ALLOCATE or not self._sets:
+                if len(self._sets) < cfg.max_arenas:
+                    s = StagedSet(plan, self._new_arena(plan, stats), cached=True)
+                    s.in_flight = True
+                    self._sets.append(s)
+                    stats.arena = "new-cached"
+                    return s
+                if cfg.cache_policy is CachePolicy.AUTO:
+                    s = StagedSet(plan, self._new_arena(plan, stats), cached=False)
+                    s.in_flight = True
+                    stats.arena = "fresh"
+                    return s
+            return self._wait(stats)
+        s = StagedSet(plan, self._new_arena(plan, stats), cached=False)
+        s.in_flight = True
+        stats.arena = "fresh"
+        return s
+
+    def _wait(self, stats: StageStats) -> StagedSet:
+        t0 = time.perf_counter()
+        deadline = t0 + self.config.lease_timeout
+        delay = 1e-4
+        gc.collect()  # a dropped staged dict caught in a reference cycle
+        while True:
+            for s in self._sets:
+                if s.try_acquire():
+                    stats.waited_s = time.perf_counter() - t0
+                    stats.arena = "cached after wait"
+                    return s
+            if time.perf_counter() >= deadline:
+                raise LeaseTimeoutError(
+                    f"every cached host arena ({len(self._sets)}) is still held by an earlier staged "
+                    f"dict after waiting {self.config.lease_timeout:g} s; release the staged dicts "
+                    "(and their tensors) once written, raise STAGER_LEASE_TIMEOUT or STAGER_MAX_ARENAS, "
+                    "or set STAGER_LEASE_POLICY=allocate"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    # ---------------------------------------------------------------- copying
+
+    def _stage_into(
+        self, plan: Plan, tensors: list[torch.Tensor], others: list[Any], stats: StageStats, t0: float
+    ) -> Any:
+        staged_set = self._acquire(plan, stats)
+        try:
+            t1 = time.perf_counter()
+            self._copy(plan, staged_set)
+            stats.copy_s = time.perf_counter() - t1
+            staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
+        finally:
+            staged_set.done()
+        stats.nbytes = plan.nbytes
+        stats.tensors = len(plan.leaves)
+        stats.regions = len(plan.regions)
+        stats.complete_s = time.perf_counter() - t0
+        return staged
+
+    def _copy(self, plan: Plan, staged_set: StagedSet) -> None:
+        if plan.cpu_src:
+            torch._foreach_copy_(staged_set.cpu_dst, plan.cpu_src)
+        for device, idx in plan.device_regions.items():
+            self._copy_device(plan, staged_set, device, idx)
+
+    def _copy_device(self, plan: Plan, staged_set: StagedSet, device: torch.device, idx: list[int]) -> None:
+        # Per-region copies on a side stream that waits for the caller's stream.
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for i in idx:
+                    staged_set.bases[i].copy_(plan.src_views[i], non_blocking=staged_set.arena.pinned)
+            side.synchronize()
+
+    def _finish(self, stats: StageStats) -> None:
+        if stats.copy_s > 0:
+            stats.gbps = stats.nbytes / stats.copy_s / 1e9
+        self.last_stats = stats
+        stats.log()

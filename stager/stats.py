@@ -1,0 +1,66 @@
+"""``StageStats``: what one ``stage()`` call did and how long it took."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["StageStats"]
+
+log = logging.getLogger("stager")
+
+
+@dataclass
+class StageStats:
+    """One ``stage()`` call, recorded on ``GraphStager.last_stats`` (and ``handle.stats``).
+
+    Times are wall-clock seconds measured on the host. ``blocked_s`` is how long the caller of
+    ``stage()`` waited; ``complete_s`` is from the start of the call until the staged copy was
+    complete (equal to ``blocked_s`` for synchronous staging).
+    """
+
+    nbytes: int = 0
+    """Bytes copied (sum of staged regions)."""
+    tensors: int = 0
+    """Tensor leaves in the state dict."""
+    regions: int = 0
+    """Distinct source storage spans copied."""
+    arena: str = ""
+    """Host arena used: ``cached`` (reused), ``new-cached``, ``fresh``, after ``wait`` if it waited."""
+    host_decision: str = ""
+    """The headroom decision behind ``arena`` (see ``stager.headroom``)."""
+    device_path: str = "cpu"
+    """``cpu`` (CPU sources), ``packed`` (Triton pack into device chunks) or ``direct``."""
+    executor: str = "cpu"
+    """``cpu``, ``eager``, ``graph-capture`` or ``graph-replay``."""
+    replanned: bool = False
+    """Whether this call built a new plan (first call, or the state dict changed)."""
+    blocked_s: float = 0.0
+    complete_s: float = 0.0
+    plan_s: float = 0.0
+    """Time spent walking the dict and checking (or building) the plan."""
+    alloc_s: float = 0.0
+    """Time spent allocating (and pinning) host memory in this call."""
+    waited_s: float = 0.0
+    """Time spent waiting for a held arena to come free."""
+    copy_s: float = 0.0
+    gbps: float = 0.0
+    """``nbytes`` / ``copy_s`` in GB/s (10^9 bytes per second)."""
+    link_fraction: float | None = None
+    """``gbps`` as a fraction of the PCIe link's bandwidth, when NVML can read the link."""
+    captures: int = 0
+    """CUDA-graph captures so far on this stager."""
+    replays: int = 0
+    """CUDA-graph replays so far on this stager."""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict of every field."""
+        return dataclasses.asdict(self)
+
+    def log(self) -> None:
+        """Log the record at debug level on the ``stager`` logger."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("stage: %s", self.to_dict())
