@@ -159,10 +159,13 @@ class StagedSet:
         self._cdata = [s._cdata for s in storages]
         self._baseline = self._counts()
 
-    def _counts(self) -> tuple[list[int], list[int]]:
+    def _counts(self) -> tuple[list[int], list[int], list[int]]:
+        # Python references to the staged tensors and to the (unique) Python storage objects, and
+        # C++ uses of the storages (views, detached tensors, writers' handles).
         refs = list(map(sys.getrefcount, self.tensors))
+        srefs = list(map(sys.getrefcount, self._storages))
         uses = list(map(_storage_use_count, self._cdata)) if _storage_use_count is not None else []
-        return refs, uses
+        return refs, srefs, uses
 
     def leased(self) -> bool:
         """Whether anything outside the stager still holds a staged tensor or storage of this set."""

@@ -28,6 +28,7 @@ import copy
 import io
 from collections import deque
 from itertools import islice
+from operator import attrgetter
 import pickle
 import types
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ ATOMIC_TYPES: frozenset[type] = frozenset(
         torch.memory_format,
     }
 )
+_DTYPE = attrgetter("dtype")
 _PLAIN_TENSOR_TYPES: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
 
 # Structure tokens, in pre-order. Each is a tuple whose first item is one of:
@@ -115,7 +117,8 @@ class Plan:
 
 def tensor_signature(tensors: list[torch.Tensor]) -> list[tuple]:
     """``(data_ptr, size, stride, dtype)`` of every tensor: what a replay must find unchanged."""
-    return [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors]
+    T = torch.Tensor
+    return list(zip(map(T.data_ptr, tensors), map(T.size, tensors), map(T.stride, tensors), map(_DTYPE, tensors)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +316,7 @@ def _check_leaf(t: torch.Tensor, path: str) -> None:
         )
     if type(t) not in _PLAIN_TENSOR_TYPES:
         try:
-            t.untyped_storage()
+            t.untyped_storage().data_ptr()
             t.data_ptr()
         except (RuntimeError, NotImplementedError) as exc:
             raise StagingInputError(

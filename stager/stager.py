@@ -28,7 +28,7 @@ import torch
 from stager.arena import HostArena, StagedSet
 from stager.config import StagerConfig
 from stager.envs import CachePolicy, LeasePolicy, Mode
-from stager.errors import LeaseTimeoutError, StagerClosedError
+from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
 from stager.plan import Plan, build_plan, rebuild, tensor_signature, walk
 from stager.stats import StageStats
 
@@ -54,6 +54,8 @@ class GraphStager:
     staged storage; other leaves are deep-copied. The copy stays valid while anything holds it:
     a later ``stage()`` never overwrites it.
     """
+
+    _synchronize_after_execute = False  # DCP's AsyncStager protocol attribute
 
     def __init__(self, config: StagerConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -82,7 +84,7 @@ class GraphStager:
         Synchronous staging is complete when ``stage()`` returns; asynchronous staging returns a
         ``Future`` that DCP waits on itself.
         """
-        return False
+        return self._synchronize_after_execute
 
     def stage(self, state_dict: Any) -> Any:
         """Return a staged host copy of ``state_dict``, or a ``Future`` of it with async staging.
@@ -155,8 +157,11 @@ class GraphStager:
         tokens: list[tuple] = []
         tensors: list[torch.Tensor] = []
         others: list[Any] = []
-        walk(state_dict, tokens, tensors, others)
         plan = self._plan
+        try:
+            walk(state_dict, tokens, tensors, others)
+        except StagingInputError:
+            plan = None  # walk again below, with key paths, for the error message
         if plan is not None and plan.matches(tokens, tensor_signature(tensors)):
             return plan, tensors, others
         # Walk again with key paths, validate every leaf, lay out a new arena.
@@ -281,6 +286,8 @@ class GraphStager:
                 for i in idx:
                     staged_set.bases[i].copy_(plan.src_views[i], non_blocking=staged_set.arena.pinned)
             side.synchronize()
+
+    # -- restore: see stager/restore.py
 
     def _finish(self, stats: StageStats) -> None:
         if stats.copy_s > 0:

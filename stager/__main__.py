@@ -1,0 +1,26 @@
+"""Command line: ``python -m stager demo | bench | doctor``."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand."""
+    args = sys.argv[1:] if argv is None else argv
+    commands = ("demo", "bench", "doctor")
+    if not args or args[0] not in commands:
+        print(f"usage: python -m stager {{{'|'.join(commands)}}} [options]  (--help on each)", file=sys.stderr)
+        return 2
+    cmd, rest = args[0], args[1:]
+    if cmd == "bench":
+        from stager.bench import main as run
+    elif cmd == "demo":
+        from stager.demo import main as run
+    else:
+        from stager.doctor import main as run
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""``python -m stager bench``: this stager against PyTorch's stagers and the memcpy floor.
+
+Every case is built by one setup factory shared by all providers; the floor (one copy of the same
+number of bytes into a preallocated host buffer: a CPU memcpy for CPU sources, a pinned
+device-to-host copy for GPU sources) is measured in the same run. Warm-up calls are not counted.
+
+Columns: ``blocked`` is how long the caller of ``stage()`` waited, ``complete`` how long until the
+staged copy was complete (for synchronous providers the two are the same); both as p50 with the
+p20-p80 range, in ms. ``GB/s`` is bytes / complete (p50); ``x floor`` is complete / the floor's
+complete (lower is better; 1.0 is the floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["WORKLOADS", "make_workload", "run", "main"]
+
+MiB = 1 << 20
+
+
+@dataclass
+class Row:
+    """One (workload, provider) measurement; the JSON rows have exactly these fields."""
+
+    device: str
+    case: str
+    tensors: int
+    mib: float
+    provider: str
+    blocked_ms_p50: float
+    blocked_ms_p20: float
+    blocked_ms_p80: float
+    complete_ms_p50: float
+    complete_ms_p20: float
+    complete_ms_p80: float
+    gbps: float
+    x_floor: float
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------ workloads
+
+
+def _small(n: int, lo: int, hi: int, device: str) -> dict[str, torch.Tensor]:
+    rng = random.Random(0)
+    return {
+        f"t{i}": torch.empty(rng.randint(lo, hi) // 4, dtype=torch.float32, device=device).normal_()
+        for i in range(n)
+    }
+
+
+def _mixed(layers: int, d: int, vocab: int, device: str) -> dict[str, Any]:
+    """A transformer-like model state dict plus AdamW optimizer state (exp_avg, exp_avg_sq, step)."""
+    model: dict[str, torch.Tensor] = {"embed.weight": torch.randn(vocab, d, device=device)}
+    for i in range(layers):
+        p = f"layers.{i}."
+        model[p + "attn.qkv.weight"] = torch.randn(3 * d, d, device=device)
+        model[p + "attn.qkv.bias"] = torch.randn(3 * d, device=device)
+        model[p + "attn.out.weight"] = torch.randn(d, d, device=device)
+        model[p + "attn.out.bias"] = torch.randn(d, device=device)
+        model[p + "mlp.up.weight"] = torch.randn(4 * d, d, device=device)
+        model[p + "mlp.up.bias"] = torch.randn(4 * d, device=device)
+        model[p + "mlp.down.weight"] = torch.randn(d, 4 * d, device=device)
+        model[p + "mlp.down.bias"] = torch.randn(d, device=device)
+        model[p + "norm1.weight"] = torch.randn(d, device=device)
+        model[p + "norm1.bias"] = torch.randn(d, device=device)
+        model[p + "norm2.weight"] = torch.randn(d, device=device)
+        model[p + "norm2.bias"] = torch.randn(d, device=device)
+    model["head.weight"] = model["embed.weight"]  # tied
+    state = {
+        i: {
+            "step": torch.tensor(10.0),
+            "exp_avg": torch.randn_like(t),
+            "exp_avg_sq": torch.rand_like(t),
+        }
+        for i, (k, t) in enumerate(model.items())
+        if k != "head.weight"
+    }
+    groups = [{"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(state)}]
+    return {"model": model, "optim": {"state": state, "param_groups": groups}}
+
+
+def _large(n: int, nbytes: int, device: str) -> dict[str, torch.Tensor]:
+    return {f"big{i}": torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_() for i in range(n)}
+
+
+WORKLOADS: dict[str, dict[str, Callable[[], Any]]] = {
+    "cpu": {
+        "small": lambda: _small(20_000, 1024, 16 * 1024, "cpu"),
+        "mixed": lambda: _mixed(12, 512, 8192, "cpu"),
+        "large": lambda: _large(3, 256 * MiB, "cpu"),
+    },
+    "cuda": {
+        "small": lambda: _small(50_000, 8 * 1024, 76 * 1024, "cuda"),
+        "mixed": lambda: _mixed(24, 2048, 32768, "cuda"),
+        "large": lambda: _large(8, 1024 * MiB, "cuda"),
+    },
+}
+
+
+def make_workload(device: str, case: str) -> Any:
+    """Build one benchmark state dict (shared by every provider)."""
+    return WORKLOADS[device][case]()
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _unique_bytes(sd: Any) -> int:
+    seen: dict[int, int] = {}
+    for t in _tensors(sd):
+        key = t.untyped_storage().data_ptr()
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+# ------------------------------------------------------------------------------------ providers
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _providers(device: str) -> dict[str, Callable[[], Any]]:
+    """name -> factory of an object with ``stage(sd)`` and ``close()``."""
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager, DefaultStager, StagingOptions
+
+    from stager import GraphStager
+
+    providers: dict[str, Callable[[], Any]] = {
+        "stager": lambda: GraphStager(cache_policy="cached"),
+        "dcp-default (no stager)": lambda: DefaultStager(StagingOptions(False, False, False, False)),
+    }
+    if device == "cuda":
+        providers["DefaultStager(StagingOptions())"] = lambda: DefaultStager(StagingOptions())
+        providers["BlockingAsyncStager(cache=True)"] = lambda: BlockingAsyncStager(cache_staged_state_dict=True)
+        providers["torch-pack"] = _TorchPack
+    else:
+        providers["BlockingAsyncStager()"] = lambda: BlockingAsyncStager()
+    return providers
+
+
+class _TorchPack:
+    """Plain-torch packing: ``_foreach_copy_`` of byte views into one device buffer, one D2H copy."""
+
+    def __init__(self) -> None:
+        self._key: Any = None
+
+    def stage(self, sd: Any) -> Any:
+        tensors = [t for t in _tensors(sd) if t.numel()]
+        views = [t.reshape(-1).view(torch.uint8) for t in tensors]
+        sizes = [v.numel() for v in views]
+        if self._key != sizes:
+            total = sum(sizes)
+            self._dev = torch.empty(total, dtype=torch.uint8, device=tensors[0].device)
+            self._host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            self._dst = list(torch.split(self._dev, sizes))
+            self._key = sizes
+        torch._foreach_copy_(self._dst, views)
+        self._host.copy_(self._dev, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return self._host
+
+    def close(self) -> None:
+        pass
+
+
+def _time_floor(nbytes: int, device: str, iters: int) -> tuple[list[float], list[float]]:
+    if device == "cuda":
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    else:
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.empty(nbytes, dtype=torch.uint8)
+    times = []
+    for i in range(iters + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=device == "cuda")
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return times, times
+
+
+def _time_provider(factory: Callable[[], Any], sd: Any, device: str, iters: int) -> tuple[list[float], list[float]]:
+    stager = factory()
+    blocked, complete = [], []
+    try:
+        for i in range(iters + 2):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = stager.stage(sd)
+            t1 = time.perf_counter()
+            if isinstance(out, Future):
+                out = out.result()
+            _sync(device)
+            t2 = time.perf_counter()
+            if i >= 2:
+                blocked.append(t1 - t0)
+                complete.append(t2 - t0)
+            del out
+            gc.collect()
+    finally:
+        stager.close()
+    return blocked, complete
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return (xs[lo] + (xs[hi] - xs[lo]) * (k - lo)) * 1e3
+
+
+def header(device: str) -> dict[str, Any]:
+    """Device and versions, printed above the table and stored in the JSON."""
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        info["triton"] = "absent"
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}), no GPU: CPU figures"
+    return info
+
+
+def run(device: str, cases: list[str], iters: int, providers: list[str] | None = None) -> tuple[dict, list[Row]]:
+    """Measure every provider on every case; returns the header and the rows."""
+    head = header(device)
+    rows: list[Row] = []
+    all_providers = _providers(device)
+    chosen = {k: v for k, v in all_providers.items() if providers is None or any(p in k for p in providers)}
+    for case in cases:
+        sd = make_workload(device, case)
+        n_tensors = len(_tensors(sd))
+        nbytes = _unique_bytes(sd)
+        fb, fc = _time_floor(nbytes, device, iters)
+        floor = _pct(fc, 0.5)
+        results = [("floor (one memcpy)", fb, fc, "")]
+        for name, factory in chosen.items():
+            try:
+                b, c = _time_provider(factory, sd, device, iters)
+                results.append((name, b, c, ""))
+            except Exception as exc:  # a provider that cannot run here is reported, not fatal
+                results.append((name, [], [], f"failed: {type(exc).__name__}: {exc}"[:120]))
+        for name, b, c, note in results:
+            if not c:
+                rows.append(Row(device, case, n_tensors, nbytes / MiB, name, *([float("nan")] * 6), 0.0,
+                                float("nan"), note))
+                continue
+            p50 = _pct(c, 0.5)
+            rows.append(Row(
+                device, case, n_tensors, round(nbytes / MiB, 1), name,
+                _pct(b, 0.5), _pct(b, 0.2), _pct(b, 0.8), p50, _pct(c, 0.2), _pct(c, 0.8),
+                nbytes / (p50 / 1e3) / 1e9, p50 / floor, note,
+            ))
+        del sd
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return head, rows
+
+
+def format_table(head: dict, rows: list[Row]) -> str:
+    """The human-readable table."""
+    lines = [" ".join(f"{k}={v}" for k, v in head.items())]
+    cols = f"{'case':<6} {'tensors':>7} {'MiB':>8}  {'provider':<32} {'blocked ms p50 (p20-p80)':>26} " \
+           f"{'complete ms p50 (p20-p80)':>27} {'GB/s':>7} {'x floor':>8}"
+    lines += [cols, "-" * len(cols)]
+    for r in rows:
+        if r.note.startswith("failed"):
+            lines.append(f"{r.case:<6} {r.tensors:>7} {r.mib:>8.1f}  {r.provider:<32} {r.note}")
+            continue
+        lines.append(
+            f"{r.case:<6} {r.tensors:>7} {r.mib:>8.1f}  {r.provider:<32} "
+            f"{r.blocked_ms_p50:>9.2f} ({r.blocked_ms_p20:>6.2f}-{r.blocked_ms_p80:>7.2f}) "
+            f"{r.complete_ms_p50:>10.2f} ({r.complete_ms_p20:>6.2f}-{r.complete_ms_p80:>7.2f}) "
+            f"{r.gbps:>7.2f} {r.x_floor:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m stager bench``."""
+    parser = argparse.ArgumentParser(prog="python -m stager bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--cases", default="small,mixed,large", help="comma-separated: small,mixed,large")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls per provider (after 2 warm-ups)")
+    parser.add_argument("--providers", default=None, help="comma-separated substrings of provider names")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU")
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in WORKLOADS[args.device]]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(WORKLOADS[args.device])}")
+    providers = args.providers.split(",") if args.providers else None
+    head, rows = run(args.device, cases, args.iters, providers)
+    print(format_table(head, rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": head, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""GraphStager on the CPU: bit-exact copies, shared storages, leases, re-planning, bad input."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import threading
+from concurrent.futures import Future
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+
+from stager import (
+    GraphStager,
+    LeaseTimeoutError,
+    StagerClosedError,
+    StagingInputError,
+)
+
+ALL_DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
+    torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
+    torch.float8_e4m3fn, torch.float8_e5m2,
+]
+
+
+def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random bytes reinterpreted as ``dtype`` (every bit pattern, NaNs included)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for s in shape:
+        n *= s
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8, generator=g)
+    if dtype is torch.bool:
+        raw = raw % 2
+    return raw.view(dtype).reshape(shape)
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements as bytes (bit-exact comparison for every dtype, NaNs included)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(src: Any, out: Any, path: str = "") -> None:
+    """Same structure; tensors on the CPU with the same dtype, shape, stride and bytes."""
+    if isinstance(src, torch.Tensor):
+        assert isinstance(out, torch.Tensor), path
+        assert out.device.type == "cpu", path
+        assert out.dtype == src.dtype and out.shape == src.shape and out.stride() == src.stride(), path
+        assert torch.equal(as_bytes(out), as_bytes(src)), path
+        assert not out.requires_grad, path
+        return
+    assert type(out) is type(src), f"{path}: {type(out)} vs {type(src)}"
+    if isinstance(src, dict):
+        assert list(out) == list(src), path
+        for k in src:
+            assert_same(src[k], out[k], f"{path}[{k!r}]")
+    elif isinstance(src, (list, tuple)):
+        assert len(out) == len(src), path
+        for i, (a, b) in enumerate(zip(src, out)):
+            assert_same(a, b, f"{path}[{i}]")
+    else:
+        assert out == src, path
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------------------------ semantics
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_dtype_is_bit_exact(dtype: torch.dtype) -> None:
+    sd = {"t": random_tensor((7, 5), dtype, seed=1), "s": random_tensor((), dtype, seed=2)}
+    with GraphStager() as stager:
+        assert_same(sd, stager.stage(sd))
+
+
+def test_views_transposes_offsets_expansions_and_ties_share_storage() -> None:
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    sd = {
+        "base": base,
+        "t": base.t(),
+        "slice": base[2:, 3:],
+        "row": base[4],
+        "expanded": base[0, :1].expand(10),
+        "tied": {"decoder": base},
+        "bytes": base.view(torch.uint8)[5:17],
+    }
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        assert_same(sd, out)
+        for k in ("t", "slice", "row", "expanded", "bytes"):
+            assert same_storage(out["base"], out[k]), k
+        assert out["tied"]["decoder"] is out["base"] or same_storage(out["tied"]["decoder"], out["base"])
+        assert out["slice"].storage_offset() - out["base"].storage_offset() == base[2:, 3:].storage_offset()
+
+
+def test_only_the_referenced_span_is_staged() -> None:
+    big = torch.zeros(1 << 20)
+    sd = {"w": big[1000:1010]}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        assert out["w"].untyped_storage().nbytes() == 40
+        assert torch.equal(out["w"], big[1000:1010])
+
+
+def test_lone_tensor_storage_is_exactly_its_bytes_so_dcp_does_not_clone() -> None:
+    sd = {"w": torch.randn(3, 5), "b": torch.randn(5)}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+    for t in out.values():
+        assert t.untyped_storage().nbytes() == t.nbytes
+        assert t.storage_offset() == 0
+
+
+def test_zero_dim_and_zero_element_tensors() -> None:
+    sd = {"scalar": torch.tensor(3.5), "empty": torch.empty(0, 4), "empty_t": torch.empty(4, 0).t(),
+          "step": torch.tensor(7, dtype=torch.int64)}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+    assert_same(sd, out)
+    assert out["scalar"].item() == 3.5 and out["step"].item() == 7
+
+
+def test_parameters_and_requires_grad_match_pytorch_stager() -> None:
+    sd = {"p": torch.nn.Parameter(torch.randn(3)), "g": torch.randn(2, requires_grad=True)}
+    ref = StateDictStager().stage(sd)
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+    for k in sd:
+        assert type(out[k]) is type(ref[k]) is torch.Tensor
+        assert out[k].requires_grad == ref[k].requires_grad is False
+        assert torch.equal(out[k], sd[k].detach())
+
+
+class Pair(NamedTuple):
+    first: Any
+    second: Any
+
+
+@dataclasses.dataclass
+class Holder:
+    name: str
+    tensor: torch.Tensor
+    extra: list
+
+
+def test_containers_and_arbitrary_objects_are_deep_copied() -> None:
+    t = torch.randn(4)
+    od = collections.OrderedDict(a=torch.ones(2), b=torch.zeros(3))
+    od._metadata = {"": {"version": 1}}
+    holder = Holder("h", t, [1, 2])
+    sd = {"pair": Pair(t, "x"), "od": od, "holder": holder, "list": [1, 2.5, None, "s"], "tup": (t, 3)}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+    assert isinstance(out["pair"], Pair) and same_storage(out["pair"].first, out["tup"][0])
+    assert type(out["od"]) is collections.OrderedDict and out["od"]._metadata == od._metadata
+    assert out["od"]._metadata is not od._metadata
+    assert isinstance(out["holder"], Holder) and out["holder"] is not holder
+    assert out["holder"].extra == [1, 2] and out["holder"].extra is not holder.extra
+    assert out["holder"].tensor.device.type == "cpu" and torch.equal(out["holder"].tensor, t)
+    assert out["holder"].tensor.data_ptr() != t.data_ptr()
+    assert same_storage(out["holder"].tensor, out["pair"].first)
+    assert out["list"] == [1, 2.5, None, "s"] and out["list"] is not sd["list"]
+
+
+def test_staged_copy_is_independent_of_later_updates() -> None:
+    sd = {"w": torch.randn(100), "v": torch.randn(3, 3)}
+    expected = {k: v.clone() for k, v in sd.items()}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        for v in sd.values():
+            v.add_(1.0)
+        for k in sd:
+            assert torch.equal(out[k], expected[k])
+
+
+# ------------------------------------------------------------------------------ property test
+
+
+@st.composite
+def nested_state_dicts(draw: st.DrawFn) -> dict[str, Any]:
+    bases = []
+    for i in range(draw(st.integers(1, 4))):
+        dtype = draw(st.sampled_from(ALL_DTYPES))
+        shape = tuple(draw(st.lists(st.integers(0, 6), min_size=0, max_size=3)))
+        bases.append(random_tensor(shape, dtype, seed=draw(st.integers(0, 10_000))))
+
+    def leaf() -> Any:
+        kind = draw(st.sampled_from(["base", "view", "t", "int", "str"]))
+        b = draw(st.sampled_from(bases))
+        if kind == "base":
+            return b
+        if kind == "view" and b.dim() >= 1 and b.shape[0] > 1:
+            return b[1:]
+        if kind == "t" and b.dim() >= 2:
+            return b.transpose(0, 1)
+        if kind == "str":
+            return draw(st.text(max_size=3))
+        return draw(st.integers())
+
+    def node(depth: int) -> Any:
+        if depth == 0 or draw(st.booleans()):
+            return leaf()
+        kind = draw(st.sampled_from(["dict", "list", "tuple"]))
+        n = draw(st.integers(0, 3))
+        children = [node(depth - 1) for _ in range(n)]
+        if kind == "dict":
+            return {f"k{i}": c for i, c in enumerate(children)}
+        return children if kind == "list" else tuple(children)
+
+    return {f"top{i}": node(3) for i in range(draw(st.integers(1, 4)))}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sd=nested_state_dicts())
+def test_random_nested_state_dicts_are_bit_exact(sd: dict[str, Any]) -> None:
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        assert_same(sd, out)
+        again = stager.stage(sd)  # a replay of the same plan
+        assert_same(sd, again)
+        assert stager.plans_built == 1
+
+
+# ------------------------------------------------------------------------------ plan reuse
+
+
+def test_same_signature_reuses_the_plan_across_fresh_state_dict_objects() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    with GraphStager() as stager:
+        for _ in range(4):
+            sd = model.state_dict()
+            assert_same(sd, stager.stage(sd))
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+        assert stager.plans_built == 1
+
+
+def _changes() -> list[Any]:
+    def add_key(sd: dict) -> None:
+        sd["new"] = torch.ones(2)
+
+    def remove_key(sd: dict) -> None:
+        del sd["b"]
+
+    def resize(sd: dict) -> None:
+        sd["a"].resize_(2, 2)
+
+    def dtype(sd: dict) -> None:
+        sd["a"] = sd["a"].double()
+
+    def move(sd: dict) -> None:
+        sd["a"].data = torch.randn(4, 4)
+
+    def rebind(sd: dict) -> None:
+        sd["b"] = sd["a"]
+
+    return [pytest.param(f, id=f.__name__) for f in (add_key, remove_key, resize, dtype, move, rebind)]
+
+
+@pytest.mark.parametrize("change", _changes())
+def test_a_changed_state_dict_is_replanned_and_staged_correctly(change: Any) -> None:
+    sd = {"a": torch.randn(4, 4), "b": torch.randn(3)}
+    with GraphStager() as stager:
+        stager.stage(sd)
+        change(sd)
+        out = stager.stage(sd)
+        assert stager.plans_built == 2
+        assert_same(sd, out)
+
+
+# ------------------------------------------------------------------------------ leases
+
+
+def test_a_held_staged_dict_is_never_overwritten() -> None:
+    sd = {"w": torch.zeros(1000)}
+    with GraphStager(lease_policy="allocate", max_arenas=2, cache_policy="auto") as stager:
+        held = [stager.stage(sd)]
+        for i in range(1, 6):
+            sd["w"].fill_(float(i))
+            held.append(stager.stage(sd))
+        for i, out in enumerate(held):
+            assert torch.equal(out["w"], torch.full((1000,), float(i)))
+        assert len(stager._sets) == 2  # the rest were fresh arenas
+
+
+def test_a_held_view_or_storage_keeps_the_lease() -> None:
+    sd = {"w": torch.zeros(8)}
+    with GraphStager(cache_policy="cached", max_arenas=1, lease_policy="wait", lease_timeout=0.05) as stager:
+        out = stager.stage(sd)
+        view = out["w"][2:]
+        del out
+        with pytest.raises(LeaseTimeoutError, match="STAGER_LEASE_TIMEOUT"):
+            stager.stage(sd)
+        del view
+        storage = stager.stage(sd)["w"].untyped_storage()
+        with pytest.raises(LeaseTimeoutError):
+            stager.stage(sd)
+        del storage
+        assert torch.equal(stager.stage(sd)["w"], sd["w"])
+
+
+def test_a_released_arena_is_reused() -> None:
+    sd = {"w": torch.randn(64)}
+    with GraphStager(cache_policy="cached", max_arenas=1) as stager:
+        first = stager.stage(sd)
+        ptr = first["w"].data_ptr()
+        del first
+        second = stager.stage(sd)
+        assert second["w"].data_ptr() == ptr
+        assert stager.last_stats is not None and stager.last_stats.arena == "cached"
+
+
+def test_wait_policy_resumes_when_the_holder_releases() -> None:
+    sd = {"w": torch.randn(64)}
+    with GraphStager(cache_policy="cached", max_arenas=1, lease_policy="wait", lease_timeout=10) as stager:
+        box = [stager.stage(sd)]
+        timer = threading.Timer(0.1, box.clear)
+        timer.start()
+        out = stager.stage(sd)
+        timer.join()
+        assert stager.last_stats is not None and stager.last_stats.waited_s > 0.05
+        assert torch.equal(out["w"], sd["w"])
+
+
+def test_fresh_policy_allocates_every_call() -> None:
+    sd = {"w": torch.randn(64)}
+    with GraphStager(cache_policy="fresh") as stager:
+        a = stager.stage(sd)
+        b = stager.stage(sd)
+        assert a["w"].data_ptr() != b["w"].data_ptr()
+        assert stager._sets == []
+
+
+# ------------------------------------------------------------------------------ async, close
+
+
+def test_async_staging_returns_a_future_of_the_staged_dict() -> None:
+    sd = {"w": torch.randn(100)}
+    with GraphStager(async_staging=True) as stager:
+        fut = stager.stage(sd)
+        assert isinstance(fut, Future)
+        assert_same(sd, fut.result(timeout=30))
+        stager.synchronize_staging()
+
+
+def test_close_twice_is_harmless_and_stage_after_close_raises() -> None:
+    stager = GraphStager()
+    out = stager.stage({"w": torch.ones(3)})
+    stager.close()
+    stager.close()
+    with pytest.raises(StagerClosedError):
+        stager.stage({"w": torch.ones(3)})
+    gc.collect()
+    assert torch.equal(out["w"], torch.ones(3))  # handed-out copies outlive the stager
+
+
+def test_implements_dcp_async_stager_protocol() -> None:
+    from torch.distributed.checkpoint.staging import AsyncStager
+
+    assert isinstance(GraphStager(), AsyncStager)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+class _Unsupported(torch.Tensor):
+    @staticmethod
+    def __new__(cls, size: int) -> "_Unsupported":
+        return torch.Tensor._make_wrapper_subclass(cls, (size,), dtype=torch.float32)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError(f"{func}")
+
+
+def _bad_inputs() -> list[Any]:
+    return [
+        pytest.param(torch.empty(3, device="meta"), "meta tensor", id="meta"),
+        pytest.param(torch.eye(3).to_sparse(), "layout torch.sparse_coo", id="sparse"),
+        pytest.param(torch.randn(3, dtype=torch.complex64).conj(), "conjugate", id="conj"),
+        pytest.param(threading.Lock(), "cannot be copied", id="lock"),
+        pytest.param(_Unsupported(3), "no storage of its own", id="wrapper-subclass"),
+    ]
+
+
+@pytest.mark.parametrize("bad, problem", _bad_inputs())
+def test_bad_input_names_the_key_path_before_anything_is_staged(bad: Any, problem: str) -> None:
+    sd = {"ok": torch.randn(4), "model": {"layers": [torch.randn(2), bad]}}
+    with GraphStager() as stager:
+        with pytest.raises(StagingInputError, match=r"\['model'\]\['layers'\]\[1\]") as info:
+            stager.stage(sd)
+        assert problem in str(info.value)
+        assert stager._sets == [] and stager.last_stats is None and stager.plan is None
