@@ -86,12 +86,14 @@ class HostReading:
     """Bytes this rank may use: ``limit_bytes // ranks_per_host - reserve_bytes``, at least 0."""
     source: str
     """Which figure bound ``limit_bytes``, naming the file it was read from."""
+    source_path: str | None
+    """The file (or shared-memory directory) behind ``source``; None when nothing was readable."""
     limit_bytes: int
     """The binding host-wide figure, before division among ranks and the reserve."""
     ranks_per_host: int
     """How many ranks share this host's memory."""
     ranks_source: str
-    """Where ``ranks_per_host`` came from (argument, ``LOCAL_WORLD_SIZE``, torch.distributed, ...)."""
+    """Where ``ranks_per_host`` came from (argument, ``LOCAL_WORLD_SIZE``, torch.distributed)."""
     reserve_bytes: int
     """The configured per-rank reserve (``STAGER_HOST_RESERVE``) taken off the share."""
     meminfo_available_bytes: int | None
@@ -139,7 +141,7 @@ class DeviceReading:
     nvml_free: int | None
     """NVML's free bytes; None when NVML was not used."""
     allocator_slack: int
-    """``torch.cuda.memory_reserved - memory_allocated``: reserved by PyTorch, unused, ours to use."""
+    """``memory_reserved - memory_allocated``: held by PyTorch's allocator, unused, ours to use."""
     total_bytes: int | None
     """The device's total memory, when known."""
     physical: str
@@ -198,7 +200,10 @@ class LinkInfo:
 
     def describe(self) -> list[str]:
         """Lines for ``doctor``."""
-        line = f"link: PCIe gen{self.gen} x{self.width}, {self.bytes_per_s / 1e9:.2f} GB/s per direction"
+        line = (
+            f"link: PCIe gen{self.gen} x{self.width}, "
+            f"{self.bytes_per_s / 1e9:.2f} GB/s per direction"
+        )
         if self.curr_gen is not None:
             line += f" (running now at gen{self.curr_gen} x{self.curr_width})"
         return [line]
@@ -271,7 +276,7 @@ class DeviceDecision:
 
 
 def format_bytes(n: int | float) -> str:
-    """``n`` bytes as a binary-prefixed figure with the exact count, e.g. ``"2.00 GiB (2147483648 bytes)"``."""
+    """``n`` bytes with a binary prefix and the exact count: ``"2.00 GiB (2147483648 bytes)"``."""
     n_int = int(n)
     if abs(n_int) < 1024:
         return f"{n_int} bytes"
@@ -299,7 +304,7 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _field(data: bytes, key: bytes) -> int | None:
-    """The integer after ``key`` at the start of a line of ``data`` (``key`` includes ':' or ' ')."""
+    """The integer after ``key`` at the start of a line of ``data`` (``key`` ends in ':' or ' ')."""
     if data.startswith(key):
         pos = 0
     else:
@@ -335,7 +340,8 @@ class _CgroupLayout:
     """Where the memory controller's files are for this process (static; cached per root)."""
 
     version: int  # 1 or 2; 0 when no memory controller was found
-    dirs: tuple[str, ...]  # the process's cgroup first, then each ancestor up to the mount
+    leaf: str  # the process's cgroup directory ("" when none was found)
+    dirs: tuple[str, ...]  # those of leaf and its ancestors up to the mount with a limit file
     note: str  # how the layout was found, or why there is none
 
 
@@ -392,8 +398,11 @@ def _parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
     return v2, v1
 
 
-def _cgroup_dirs(mount_root: str, mount_point: str, cg_path: str, limit_file: str) -> list[str]:
-    """The process's cgroup directory and its ancestors up to the mount point, that exist."""
+def _cgroup_dirs(
+    mount_root: str, mount_point: str, cg_path: str, limit_file: str
+) -> tuple[str, tuple[str, ...]]:
+    """The process's cgroup directory, and it and its ancestors up to the mount point that hold
+    ``limit_file``."""
     if mount_root == "/":
         rel = cg_path
     elif cg_path == mount_root or cg_path.startswith(mount_root.rstrip("/") + "/"):
@@ -403,8 +412,9 @@ def _cgroup_dirs(mount_root: str, mount_point: str, cg_path: str, limit_file: st
         rel = ""
     mount_point = mount_point.rstrip("/") or "/"
     leaf = os.path.normpath(mount_point + "/" + rel.strip("/")) if rel.strip("/") else mount_point
-    if not os.path.isdir(leaf):
-        leaf = mount_point
+    inside = leaf == mount_point or leaf.startswith(mount_point.rstrip("/") + "/")
+    if not inside or not os.path.isdir(leaf):
+        leaf = mount_point  # a path outside the mount ("/../..") or not mounted here
     dirs = []
     d = leaf
     while True:
@@ -413,7 +423,7 @@ def _cgroup_dirs(mount_root: str, mount_point: str, cg_path: str, limit_file: st
         if d == mount_point or len(d) <= len(mount_point):
             break
         d = os.path.dirname(d)
-    return dirs
+    return leaf, tuple(dirs)
 
 
 def _discover_cgroup(root: str) -> _CgroupLayout:
@@ -439,22 +449,23 @@ def _discover_cgroup(root: str) -> _CgroupLayout:
     if v2_mount is not None and v2_path is not None:
         point = _under(root, v2_mount[1])
         if v2_has_memory(point):
-            dirs = _cgroup_dirs(v2_mount[0], point, v2_path, "memory.max")
-            return _CgroupLayout(2, tuple(dirs), f"cgroup v2 {v2_path} mounted at {point}")
+            leaf, dirs = _cgroup_dirs(v2_mount[0], point, v2_path, "memory.max")
+            return _CgroupLayout(2, leaf, dirs, f"cgroup v2 {v2_path} mounted at {point}")
     if v1_mount is not None and v1_path is not None:
         point = _under(root, v1_mount[1])
-        dirs = _cgroup_dirs(v1_mount[0], point, v1_path, "memory.limit_in_bytes")
-        return _CgroupLayout(1, tuple(dirs), f"cgroup v1 memory {v1_path} mounted at {point}")
+        leaf, dirs = _cgroup_dirs(v1_mount[0], point, v1_path, "memory.limit_in_bytes")
+        return _CgroupLayout(1, leaf, dirs, f"cgroup v1 memory {v1_path} mounted at {point}")
     # no usable mountinfo: the conventional places
     base = _under(root, "/sys/fs/cgroup")
     if v2_has_memory(base):
-        dirs = _cgroup_dirs("/", base, v2_path or "/", "memory.max")
-        return _CgroupLayout(2, tuple(dirs), f"cgroup v2 assumed at {base} (no cgroup2 mount found)")
+        leaf, dirs = _cgroup_dirs("/", base, v2_path or "/", "memory.max")
+        return _CgroupLayout(2, leaf, dirs, f"cgroup v2 assumed at {base} (no cgroup2 mount found)")
     v1_base = os.path.join(base, "memory")
     if os.path.exists(os.path.join(v1_base, "memory.limit_in_bytes")):
-        dirs = _cgroup_dirs("/", v1_base, v1_path or "/", "memory.limit_in_bytes")
-        return _CgroupLayout(1, tuple(dirs), f"cgroup v1 assumed at {v1_base} (no memory mount found)")
-    return _CgroupLayout(0, (), f"no cgroup memory controller found under {base}")
+        leaf, dirs = _cgroup_dirs("/", v1_base, v1_path or "/", "memory.limit_in_bytes")
+        note = f"cgroup v1 assumed at {v1_base} (no memory mount found)"
+        return _CgroupLayout(1, leaf, dirs, note)
+    return _CgroupLayout(0, "", (), f"no cgroup memory controller found under {base}")
 
 
 def _parse_limit(data: bytes) -> int | None:
@@ -466,17 +477,20 @@ def _parse_limit(data: bytes) -> int | None:
     return None if value >= _V1_UNLIMITED else value
 
 
-def _read_cgroup(layout: _CgroupLayout) -> tuple[int | None, int | None, str]:
-    """(available, limit, source) of the tightest limited cgroup; (None, None, why) if none."""
+def _read_cgroup(layout: _CgroupLayout) -> tuple[int | None, int | None, str, str | None]:
+    """(available, limit, source, limit file) of the tightest limited cgroup.
+
+    (None, None, why, None) when no limit applies.
+    """
     if layout.version == 0:
-        return None, None, layout.note
+        return None, None, layout.note, None
     if layout.version == 2:
         limit_files = ("memory.max", "memory.high")
         usage_file, reclaim_key = "memory.current", b"inactive_file "
     else:
         limit_files = ("memory.limit_in_bytes",)
         usage_file, reclaim_key = "memory.usage_in_bytes", b"total_inactive_file "
-    best: tuple[int, int, str] | None = None
+    best: tuple[int, int, str, str | None] | None = None
     for d in layout.dirs:
         limit: int | None = None
         limit_path = ""
@@ -506,10 +520,10 @@ def _read_cgroup(layout: _CgroupLayout) -> tuple[int | None, int | None, str]:
                 f"(limit {format_bytes(limit)}, in use {format_bytes(usage)} of which "
                 f"{format_bytes(reclaimable)} reclaimable file cache)"
             )
-            best = (available, limit, source)
+            best = (available, limit, source, limit_path)
     if best is None:
-        where = layout.dirs[0] if layout.dirs else layout.note
-        return None, None, f"cgroup v{layout.version} {limit_files[0]} at {where}: unlimited"
+        where = f"cgroup v{layout.version} {limit_files[0]} at {layout.leaf}"
+        return None, None, f"{where}: unlimited", None
     return best
 
 
@@ -629,14 +643,15 @@ def read_host(
     else:
         ranks, ranks_source = ranks_per_host, "argument ranks_per_host"
 
-    cg_avail, cg_limit, cg_source = _read_cgroup(_layout(root_s))
+    cg_avail, cg_limit, cg_source, cg_path = _read_cgroup(_layout(root_s))
     mi_avail, mi_source = _read_meminfo(root_s)
 
-    candidates: list[tuple[int, str]] = []
+    # (bytes, source, path); the tightest binds
+    candidates: list[tuple[int, str, str | None]] = []
     if cg_avail is not None:
-        candidates.append((cg_avail, cg_source))
+        candidates.append((cg_avail, cg_source, cg_path))
     if mi_avail is not None:
-        candidates.append((mi_avail, mi_source))
+        candidates.append((mi_avail, mi_source, _under(root_s, "/proc/meminfo")))
 
     shm_free: int | None = None
     shm_source: str | None = None
@@ -649,16 +664,17 @@ def read_host(
         except OSError as exc:
             shm_free = 0
             shm_source = f"{path} statvfs failed: {exc}"
-        candidates.append((shm_free, shm_source))
+        candidates.append((shm_free, shm_source, path))
 
     if candidates:
-        limit, source = min(candidates, key=lambda c: c[0])
+        limit, source, source_path = min(candidates, key=lambda c: c[0])
     else:
-        limit, source = 0, f"no host figure readable ({mi_source}; {cg_source})"
+        limit, source, source_path = 0, f"no host figure readable ({mi_source}; {cg_source})", None
     available = max(0, limit // ranks - reserve_bytes)
     return HostReading(
         available_bytes=available,
         source=source,
+        source_path=source_path,
         limit_bytes=limit,
         ranks_per_host=ranks,
         ranks_source=ranks_source,
@@ -709,14 +725,19 @@ class _NvmlState:
         return self.module
 
     def reset(self) -> None:
-        """Forget everything (tests only; never called on the hot path)."""
+        """Forget everything, shutting NVML down if it was up (tests only)."""
         with self.lock:
             if self.module is not None:
                 try:
-                    self.module.nvmlShutdown()
+                    self.module.nvmlShutdown()  # NVML counts inits; this undoes only ours
                 except Exception:
                     pass
-            self.__init__()
+            self.done = False
+            self.module = None
+            self.reason = None
+            self.handles.clear()
+            self.links.clear()
+            self.gpu_count = None
 
 
 _NVML = _NvmlState()
@@ -869,7 +890,7 @@ def _cached_handle(nvml: Any, index: int) -> tuple[Any, str]:
 
 
 def _allocator_slack(index: int) -> int:
-    """Reserved-but-unallocated bytes of PyTorch's caching allocator on ``index``; 0 if untouched."""
+    """Bytes PyTorch's caching allocator holds reserved but unallocated on ``index``."""
     cuda = torch.cuda
     if not cuda.is_initialized():
         return 0  # no allocation yet, and reading must not create a context
@@ -878,9 +899,12 @@ def _allocator_slack(index: int) -> int:
         stats = torch._C._cuda_memoryStats(index)
         reserved = stats["reserved_bytes"]["all"]["current"]
         allocated = stats["allocated_bytes"]["all"]["current"]
-    except Exception:
-        reserved = cuda.memory_reserved(index)
-        allocated = cuda.memory_allocated(index)
+    except Exception:  # a private API that moved, or a pluggable allocator without stats
+        try:
+            reserved = cuda.memory_reserved(index)
+            allocated = cuda.memory_allocated(index)
+        except Exception:  # an index this process cannot see: no slack to count
+            return 0
     return max(0, int(reserved) - int(allocated))
 
 
@@ -1007,7 +1031,9 @@ def read_link(device: int | torch.device | str) -> LinkInfo | None:
         curr_width = int(nvml.nvmlDeviceGetCurrPcieLinkWidth(handle))
     except Exception:
         curr_gen = curr_width = None
-    return LinkInfo(gen=gen, width=width, bytes_per_s=bandwidth, curr_gen=curr_gen, curr_width=curr_width)
+    return LinkInfo(
+        gen=gen, width=width, bytes_per_s=bandwidth, curr_gen=curr_gen, curr_width=curr_width
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1074,38 +1100,49 @@ def decide_host(
     max_cached_arenas: int,
     host: HostReading,
     cache_policy: str = "auto",
-    lease_policy: str = "wait",
+    lease_policy: str = "allocate",
     fresh_leased: int = 0,
 ) -> HostDecision:
     """Decide where the next staged copy of ``needed_bytes`` lives in host memory.
 
-    Inputs: whether a cached arena is free (its staged dict released), how many cached arenas
-    exist and the most allowed, the host reading, the policies (``STAGER_CACHE_POLICY``:
-    ``auto``/``cached``/``fresh``; ``STAGER_LEASE_POLICY``: ``wait``/``allocate``) and how many
-    fresh arenas are still leased (their memory returns when released, so waiting can help).
-    ``room`` means ``host.available_bytes >= needed_bytes``; ``margin`` means room for two
-    arenas (``>= 2 * needed_bytes``); ``leased`` means a cached arena exists and none is free,
-    or ``fresh_leased > 0``. Rows are tried top to bottom:
+    Inputs: whether a cached arena built for this plan is free (its staged dict released), how
+    many cached arenas exist (``cached_arenas``) and the most allowed (``STAGER_MAX_ARENAS``),
+    the host reading, the policies and how many fresh arenas are still leased (their memory
+    returns when released, so waiting for them can make room). ``cache_policy`` and
+    ``lease_policy`` take the strings (or the str-valued enums of ``stager.envs``) of
+    ``STAGER_CACHE_POLICY`` (``auto``/``cached``/``fresh``) and ``STAGER_LEASE_POLICY``
+    (``wait``/``allocate``).
 
-    ======  ==========================================================  ==============
-    policy  condition                                                   decision
-    ======  ==========================================================  ==============
-    cached  a cached arena is free                                      REUSE
-    /auto
-    cached  ``cached_arenas < max_cached_arenas`` and room              NEW_CACHED
-    auto    ``cached_arenas < max_cached_arenas`` and margin            NEW_CACHED
-    any     room                                                        FRESH
-    any     no room, lease policy ``wait``, leased                      WAIT
-    any     otherwise                                                   raise
-    ======  ==========================================================  ==============
+    Terms: *room* is ``host.available_bytes >= needed_bytes``; *margin* is room for two arenas
+    (``>= 2 * needed_bytes``); *held* is "cached arenas exist and none is free"; *leased* is
+    held, or ``fresh_leased > 0``; *below max* is ``cached_arenas < max_cached_arenas``.
+    Rows are tried top to bottom; the first that matches decides:
 
-    So ``fresh`` never touches cached arenas; ``auto`` pins an arena for good only while the host
-    keeps room for one more after it, and otherwise stages fresh; with room the caller is never
-    made to wait; ``allocate`` never waits and fails when there is no room. A REUSE needs no new
-    memory (the arena is already counted in the reading). The error,
-    :class:`~stager.errors.StagingMemoryError`, says the bytes needed and available, the source
-    of the figure, and the knobs that change the outcome.
+    ==============  ==========================================  ==========
+    cache policy    condition                                   decision
+    ==============  ==========================================  ==========
+    auto, cached    a cached arena is free                      REUSE
+    auto, cached    held, lease policy ``wait``                 WAIT
+    cached          below max, room                             NEW_CACHED
+    auto            below max, margin                           NEW_CACHED
+    auto, fresh     room                                        FRESH
+    any             leased, lease policy ``wait``               WAIT
+    any             otherwise                                   raise
+    ==============  ==========================================  ==========
+
+    Read as policies: ``fresh`` never touches cached arenas. ``cached`` uses persistent arenas
+    only: it reuses, adds one up to the maximum, waits (``wait``) or fails. ``auto`` pins an
+    arena for good only while the host keeps room for one more after it, and otherwise stages
+    into a fresh arena. ``wait`` waits for a held arena rather than allocate another (bounded by
+    ``STAGER_LEASE_TIMEOUT``, enforced by the caller); ``allocate`` never waits and fails when
+    nothing can be allocated. A REUSE or WAIT needs no new memory (existing arenas are already
+    counted in the reading).
+
+    Raises :class:`~stager.errors.StagingMemoryError` naming the bytes needed and available, the
+    source of the figure (file and values), and the knobs that would change the outcome.
     """
+    cache_policy = str(getattr(cache_policy, "value", cache_policy))
+    lease_policy = str(getattr(lease_policy, "value", lease_policy))
     if needed_bytes < 0:
         raise ValueError(f"needed_bytes must be >= 0, got {needed_bytes}")
     if cached_arenas < 0 or max_cached_arenas < 0 or fresh_leased < 0:
@@ -1120,18 +1157,23 @@ def decide_host(
 
     available = host.available_bytes
     room = available >= needed_bytes
-    leased = (cached_arenas > 0 and not cached_arena_free) or fresh_leased > 0
+    margin = available >= 2 * needed_bytes
+    below_max = cached_arenas < max_cached_arenas
+    wait = lease_policy == "wait"
+    uses_cache = cache_policy != "fresh"
+    held = uses_cache and cached_arenas > 0 and not cached_arena_free
+    leased = held or fresh_leased > 0
 
-    if cache_policy != "fresh":
+    if uses_cache:
         if cached_arena_free:
             return HostDecision.REUSE
-        if cached_arenas < max_cached_arenas:
-            fits = room if cache_policy == "cached" else available >= 2 * needed_bytes
-            if fits:
-                return HostDecision.NEW_CACHED
-    if room:
+        if held and wait:
+            return HostDecision.WAIT
+        if below_max and (room if cache_policy == "cached" else margin):
+            return HostDecision.NEW_CACHED
+    if cache_policy != "cached" and room:
         return HostDecision.FRESH
-    if lease_policy == "wait" and leased:
+    if leased and wait:
         return HostDecision.WAIT
 
     knobs = []
@@ -1139,31 +1181,41 @@ def decide_host(
         knobs.append(f"lower STAGER_HOST_RESERVE (now {format_bytes(host.reserve_bytes)} per rank)")
     if leased:
         knobs.append(
-            "set STAGER_LEASE_POLICY=wait to wait for the leased arena to be released "
-            "(for up to STAGER_LEASE_TIMEOUT seconds)"
+            "set STAGER_LEASE_POLICY=wait to wait for a leased arena to be released (for up to "
+            "STAGER_LEASE_TIMEOUT seconds)"
         )
-    else:
+    if cache_policy == "cached":
+        if room and not below_max:
+            knobs.append(
+                f"raise STAGER_MAX_ARENAS (now {max_cached_arenas}) or set "
+                "STAGER_CACHE_POLICY=auto to stage into a fresh arena when no cached one is free"
+            )
+        elif room:
+            knobs.append("set STAGER_CACHE_POLICY=auto to stage into a fresh arena")
+    if not room and uses_cache and cached_arenas > 0:
         knobs.append(
-            "release the previous staged dict sooner (a WAIT needs a leased arena; its limit is "
-            "STAGER_LEASE_TIMEOUT)"
+            f"set STAGER_CACHE_POLICY=fresh so no arena stays pinned between checkpoints (now "
+            f"{cached_arenas} cached)"
         )
-    if cache_policy != "fresh" and cached_arenas > 0:
-        knobs.append(
-            "set STAGER_CACHE_POLICY=fresh so no arena stays pinned between checkpoints"
-        )
-    knobs.append("or give the process more memory (container limit, fewer ranks per host)")
+    knobs.append("give the process more memory (container limit, fewer ranks per host)")
     arenas = (
-        f"{cached_arenas} cached arena(s), "
+        f"{cached_arenas} cached arena(s) of at most {max_cached_arenas}, "
         + ("one free" if cached_arena_free else "none free")
         + f", {fresh_leased} fresh arena(s) leased; cache policy {cache_policy!r}, "
         f"lease policy {lease_policy!r}"
     )
+    figure = (
+        f"{format_bytes(available)} is available to this rank (source: {host.source}; host-wide "
+        f"{format_bytes(host.limit_bytes)} / {host.ranks_per_host} rank(s) per host "
+        f"({host.ranks_source}) - reserve {format_bytes(host.reserve_bytes)})"
+    )
+    if room:  # only the policies stand in the way
+        what = f"and {figure}, but the policies allow no arena for it"
+    else:
+        what = f"but only {figure}"
     raise StagingMemoryError(
-        f"staging needs {format_bytes(needed_bytes)} of host memory but only "
-        f"{format_bytes(available)} is available to this rank "
-        f"(source: {host.source}; host-wide {format_bytes(host.limit_bytes)} / "
-        f"{host.ranks_per_host} rank(s) per host ({host.ranks_source}) - reserve "
-        f"{format_bytes(host.reserve_bytes)}); {arenas}. To proceed: " + "; ".join(knobs) + "."
+        f"staging needs {format_bytes(needed_bytes)} of host memory {what}; {arenas}. "
+        "To proceed: " + "; or ".join(knobs) + "."
     )
 
 
