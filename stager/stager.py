@@ -20,6 +20,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -27,7 +28,8 @@ import torch
 
 from stager.arena import HostArena, StagedSet
 from stager.config import StagerConfig
-from stager.envs import CachePolicy, LeasePolicy, Mode
+from stager.envs import CachePolicy, Mode
+from stager.headroom import HostDecision, decide_host, read_host
 from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
 from stager.plan import Plan, build_plan, rebuild, tensor_signature, walk
 from stager.stats import StageStats
@@ -74,6 +76,9 @@ class GraphStager:
         self.plans_built = 0
         """How many times a plan was built (first stage and every change of the state dict)."""
         self._pinned = self._want_pinned()
+        self._spare_arenas: list[HostArena] = []
+        self._fresh_alive = 0
+        self._last_decision: HostDecision | None = None
 
     # ---------------------------------------------------------------- AsyncStager protocol
 
@@ -180,7 +185,9 @@ class GraphStager:
         self._plan = plan
         self.plans_built += 1
         # Arenas of free cached sets are reused by the new plan when large enough.
-        self._spare_arenas = [s.arena for s in self._sets if not s.leased() and s.arena.nbytes >= plan.arena_bytes]
+        self._spare_arenas = [
+            s.arena for s in self._sets if not s.leased() and s.arena.nbytes >= plan.arena_bytes
+        ][: self.config.max_arenas]
         self._sets = []
         if old is not None:
             old.release_sources()
@@ -198,55 +205,80 @@ class GraphStager:
         return available
 
     def _new_arena(self, plan: Plan, stats: StageStats) -> HostArena:
-        spare = getattr(self, "_spare_arenas", None)
-        if spare:
-            return spare.pop()
+        if self._spare_arenas:
+            return self._spare_arenas.pop()
         arena = HostArena(plan.arena_bytes, pinned=self._pinned, shared=self.config.shared_memory)
         stats.alloc_s += arena.alloc_s + arena.pin_s
         return arena
 
-    def _acquire(self, plan: Plan, stats: StageStats) -> StagedSet:
-        cfg = self.config
-        if cfg.cache_policy is not CachePolicy.FRESH:
-            for s in self._sets:
-                if s.try_acquire():
-                    stats.arena = "cached"
-                    return s
-            if cfg.lease_policy is LeasePolicy.ALLOCATE or not self._sets:
-                if len(self._sets) < cfg.max_arenas:
-                    s = StagedSet(plan, self._new_arena(plan, stats), cached=True)
-                    s.in_flight = True
-                    self._sets.append(s)
-                    stats.arena = "new-cached"
-                    return s
-                if cfg.cache_policy is CachePolicy.AUTO:
-                    s = StagedSet(plan, self._new_arena(plan, stats), cached=False)
-                    s.in_flight = True
-                    stats.arena = "fresh"
-                    return s
-            return self._wait(stats)
+    def _fresh_set(self, plan: Plan, stats: StageStats) -> StagedSet:
         s = StagedSet(plan, self._new_arena(plan, stats), cached=False)
         s.in_flight = True
-        stats.arena = "fresh"
+        with self._lock:
+            self._fresh_alive += 1
+        weakref.finalize(s.arena.array, self._fresh_released)
         return s
 
-    def _wait(self, stats: StageStats) -> StagedSet:
+    def _fresh_released(self) -> None:
+        with self._lock:
+            self._fresh_alive -= 1
+
+    def _acquire(self, plan: Plan, stats: StageStats) -> StagedSet:
+        """Take the host arena for this stage, following :func:`stager.headroom.decide_host`.
+
+        A free cached arena is reused without reading the headroom. Otherwise the host is read and
+        the decision is one of: another cached arena, a fresh arena (freed when its staged dict is
+        released), waiting for a held arena (up to ``lease_timeout``), or ``StagingMemoryError``.
+        """
+        cfg = self.config
         t0 = time.perf_counter()
-        deadline = t0 + self.config.lease_timeout
+        deadline = t0 + cfg.lease_timeout
         delay = 1e-4
-        gc.collect()  # a dropped staged dict caught in a reference cycle
+        collected = False
         while True:
-            for s in self._sets:
-                if s.try_acquire():
-                    stats.waited_s = time.perf_counter() - t0
-                    stats.arena = "cached after wait"
-                    return s
+            if cfg.cache_policy is not CachePolicy.FRESH:
+                for s in self._sets:
+                    if s.try_acquire():
+                        waited = time.perf_counter() - t0 if collected else 0.0
+                        stats.waited_s = waited
+                        stats.arena = "cached after wait" if waited else "cached"
+                        stats.host_decision = HostDecision.REUSE.value
+                        return s
+            host = read_host(reserve_bytes=cfg.host_reserve, shared_memory=cfg.shared_memory)
+            decision = decide_host(
+                plan.arena_bytes,
+                cached_arena_free=False,
+                cached_arenas=len(self._sets),
+                max_cached_arenas=cfg.max_arenas,
+                host=host,
+                cache_policy=cfg.cache_policy,
+                lease_policy=cfg.lease_policy,
+                fresh_leased=self._fresh_alive,
+            )
+            if decision is not self._last_decision:
+                log.info("stager: host arena decision %s (%s)", decision.value, host.source)
+                self._last_decision = decision
+            stats.host_decision = decision.value
+            if decision is HostDecision.NEW_CACHED:
+                s = StagedSet(plan, self._new_arena(plan, stats), cached=True)
+                s.in_flight = True
+                self._sets.append(s)
+                stats.arena = "new-cached"
+                return s
+            if decision is HostDecision.FRESH:
+                stats.arena = "fresh"
+                return self._fresh_set(plan, stats)
+            # WAIT: a held arena (or a fresh one's memory) has to come back first.
+            if not collected:
+                gc.collect()  # a dropped staged dict caught in a reference cycle
+                collected = True
+                continue
             if time.perf_counter() >= deadline:
                 raise LeaseTimeoutError(
-                    f"every cached host arena ({len(self._sets)}) is still held by an earlier staged "
-                    f"dict after waiting {self.config.lease_timeout:g} s; release the staged dicts "
-                    "(and their tensors) once written, raise STAGER_LEASE_TIMEOUT or STAGER_MAX_ARENAS, "
-                    "or set STAGER_LEASE_POLICY=allocate"
+                    f"no host arena came free within {cfg.lease_timeout:g} s: {len(self._sets)} cached "
+                    f"and {self._fresh_alive} fresh arena(s) are still held by earlier staged dicts; "
+                    "release the staged dicts (and their tensors) once written, raise "
+                    "STAGER_LEASE_TIMEOUT or STAGER_MAX_ARENAS, or set STAGER_LEASE_POLICY=allocate"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
