@@ -1,0 +1,118 @@
+"""``python -m stager doctor``: what this machine offers the stager, and what a stage would do now.
+
+Prints versions (Python, torch, Triton, CUDA, driver), the GPUs and NVML's state, the PCIe link,
+host and device headroom with the source of every figure, the profile and every ``STAGER_*``
+value with its source, and the path a stage of ``--bytes`` (default 1 GiB, of which
+``--small-fraction`` is small tensors) would take right now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from typing import Any
+
+import torch
+
+from stager.config import StagerConfig
+from stager.envs import Mode, format_size, parse_size
+from stager.errors import StagingMemoryError
+
+__all__ = ["report", "main"]
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception as exc:  # pragma: no cover - triton is a Linux dependency
+        return f"absent ({type(exc).__name__})"
+
+
+def _driver_version() -> str:
+    from stager import headroom
+
+    nvml = headroom._NVML.get()
+    if nvml is None:
+        return headroom.nvml_status()
+    try:
+        version = nvml.nvmlSystemGetDriverVersion()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception as exc:  # pragma: no cover - needs a driver
+        return f"unknown ({exc})"
+
+
+def report(nbytes: int = 1 << 30, small_fraction: float = 0.1, config: StagerConfig | None = None) -> list[str]:
+    """The doctor's lines (also used by tests)."""
+    from stager import headroom
+
+    cfg = config or StagerConfig.resolve()
+    lines = [
+        "versions:",
+        f"  python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}",
+        f"  CUDA runtime {torch.version.cuda or 'none (CPU build)'}, driver {_driver_version()}",
+        f"  NVML: {headroom.nvml_status()}",
+    ]
+    cuda = torch.cuda.is_available()
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            lines.append(f"  cuda:{i}: {torch.cuda.get_device_name(i)}")
+    else:
+        lines.append("  GPU: none (torch.cuda.is_available() is False); staging runs the CPU path")
+
+    t0 = time.perf_counter()
+    reading = headroom.read_headroom(
+        torch.cuda.current_device() if cuda else None,
+        shared_memory=cfg.shared_memory,
+        reserve_bytes=cfg.host_reserve,
+    )
+    took = time.perf_counter() - t0
+    lines.append(f"headroom (one reading took {took * 1e3:.3f} ms):")
+    lines += [f"  {line}" for line in reading.describe()]
+
+    lines.append(f"configuration (profile {cfg.profile!r}):")
+    width = max(len(name) for name, _, _ in cfg.describe())
+    lines += [f"  {name:<{width}} = {value:<12} ({source})" for name, value, source in cfg.describe()]
+
+    lines.append(f"a stage of {format_size(nbytes)} now ({small_fraction:.0%} in small tensors):")
+    try:
+        host = headroom.decide_host(
+            nbytes,
+            cached_arena_free=False,
+            cached_arenas=0,
+            max_cached_arenas=cfg.max_arenas,
+            host=reading.host,
+            cache_policy=cfg.cache_policy,
+            lease_policy=cfg.lease_policy,
+        )
+        lines.append(f"  host arena: {host.value}")
+    except StagingMemoryError as exc:
+        lines.append(f"  host arena: would fail: {exc}")
+    pinned = cfg.pinned is Mode.ON or (cfg.pinned is Mode.AUTO and cuda)
+    lines.append(f"  pinned: {'yes' if pinned and cuda else 'no'}; shared memory: {'yes' if cfg.shared_memory else 'no'}")
+    if reading.device is not None:
+        dev = headroom.decide_device(int(nbytes * small_fraction), cfg.chunk_size, reading.device, cfg.device_reserve)
+        lines.append(f"  device: {dev.mode.value} (chunk {format_size(dev.chunk_bytes)}): {dev.reason}")
+        graphs = cfg.graphs is not Mode.OFF
+        lines.append(f"  executor: {'CUDA graph (capture once, then replay)' if graphs else 'eager'}")
+    else:
+        lines.append("  device: none; CPU sources are copied with one _foreach_copy_ per stage")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m stager doctor``."""
+    parser = argparse.ArgumentParser(prog="python -m stager doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--bytes", default="1GiB", help="size of the hypothetical stage (default 1GiB)")
+    parser.add_argument("--small-fraction", type=float, default=0.1, help="share of small tensors (0-1)")
+    args = parser.parse_args(argv)
+    try:
+        nbytes = parse_size(args.bytes)
+    except ValueError:
+        parser.error(f"--bytes {args.bytes!r} is not a size such as 512MiB or 2GiB")
+    if not 0 <= args.small_fraction <= 1:
+        parser.error("--small-fraction must be between 0 and 1")
+    print("\n".join(report(nbytes, args.small_fraction)))
+    return 0

@@ -1,0 +1,51 @@
+"""The command line: ``python -m stager doctor | bench`` and the dispatcher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stager import bench
+from stager.__main__ import main
+from stager.doctor import report
+from stager.envs import KNOBS
+
+
+def test_doctor_reports_versions_headroom_sources_and_every_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAGER_CHUNK_SIZE", "8MiB")
+    text = "\n".join(report())
+    assert "torch " in text and "triton " in text
+    assert "NVML unavailable" in text or "NVML available" in text
+    assert "/proc/meminfo" in text or "cgroup" in text
+    for knob in KNOBS:
+        assert knob.env in text
+    assert "STAGER_CHUNK_SIZE     = 8388608      (env STAGER_CHUNK_SIZE)" in text
+    assert "a stage of 1.00 GiB now" in text and "host arena:" in text
+
+
+def test_doctor_runs_as_a_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "stager", "doctor", "--bytes", "64MiB"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "a stage of 64.00 MiB now" in out.stdout
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    assert "usage: python -m stager" in capsys.readouterr().err
+
+
+def test_bench_writes_rows_with_floor_and_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bench.WORKLOADS["cpu"], "small", lambda: bench._small(200, 1024, 4096, "cpu"))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cases", "small", "--iters", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    providers = {r["provider"] for r in data["rows"]}
+    assert {"floor (one memcpy)", "stager", "dcp-default (no stager)"} <= providers
+    assert "CPU" in data["header"]["device"]
+    floor = next(r for r in data["rows"] if r["provider"].startswith("floor"))
+    assert floor["x_floor"] == pytest.approx(1.0)
+    assert all(r["tensors"] == 200 for r in data["rows"])
