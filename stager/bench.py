@@ -152,6 +152,7 @@ def _providers(device: str) -> dict[str, Callable[[], Any]]:
 
     providers: dict[str, Callable[[], Any]] = {
         "stager": lambda: GraphStager(cache_policy="cached"),
+        "stager (fresh arena per call)": lambda: GraphStager(cache_policy="fresh"),
         "dcp-default (no stager)": lambda: DefaultStager(StagingOptions(False, False, False, False)),
     }
     if device == "cuda":
