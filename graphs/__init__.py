@@ -1,0 +1,51 @@
+"""The staging program and its executors (import name ``stager.graphs``).
+
+* :mod:`stager.graphs.program` -- :class:`Program`, an immutable ordered list of pack / copy /
+  record ops built from a plan for one device, and :func:`bind_program`, which ties it to memory.
+* :mod:`stager.graphs.eager` -- :func:`run_eager`: run a bound program now on a stream (CPU
+  tensors included, packed with the Triton interpreter or the plain-torch reference).
+* :mod:`stager.graphs.cuda_graph` -- :class:`CudaGraphExecutor`: warm up, capture as CUDA graphs,
+  replay while the sources stay where they were; :class:`CaptureTracker` is its decision logic.
+
+Importing this package initialises no CUDA context and imports no Triton.
+"""
+
+from __future__ import annotations
+
+from stager.graphs.cuda_graph import Action, CaptureKey, CaptureTracker, CudaGraphExecutor, GraphState, capture_key
+from stager.graphs.eager import issue_ops, run_eager
+from stager.graphs.program import (
+    MIN_RUN,
+    Bindings,
+    ChunkCopyOp,
+    DirectCopyOp,
+    Op,
+    PackOp,
+    Program,
+    RecordEventOp,
+    bind_program,
+    build_program,
+    source_fingerprint,
+)
+
+__all__ = [
+    "MIN_RUN",
+    "Action",
+    "Bindings",
+    "CaptureKey",
+    "CaptureTracker",
+    "ChunkCopyOp",
+    "CudaGraphExecutor",
+    "DirectCopyOp",
+    "GraphState",
+    "Op",
+    "PackOp",
+    "Program",
+    "RecordEventOp",
+    "bind_program",
+    "build_program",
+    "capture_key",
+    "issue_ops",
+    "run_eager",
+    "source_fingerprint",
+]

@@ -152,6 +152,8 @@ def _providers(device: str) -> dict[str, Callable[[], Any]]:
 
     providers: dict[str, Callable[[], Any]] = {
         "stager": lambda: GraphStager(cache_policy="cached"),
+        # blocked = until stage() returned its Future; complete = until the Future resolved
+        "stager (async)": lambda: GraphStager(cache_policy="cached", async_staging=True),
         "stager (fresh arena per call)": lambda: GraphStager(cache_policy="fresh"),
         "dcp-default (no stager)": lambda: DefaultStager(StagingOptions(False, False, False, False)),
     }

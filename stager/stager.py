@@ -7,11 +7,15 @@ One ``stage()`` call:
 2. takes a host arena for the staged copy: a free cached one, another one, a fresh one or, per the
    lease policy, waits for one to come free (see :mod:`stager.headroom`);
 3. copies every source region into its slot (CPU sources: one ``_foreach_copy_``; device sources:
-   the staging program, see :mod:`stager.graphs`);
+   the staging program on a low-priority side stream, replayed as CUDA graphs, see
+   :mod:`stager.device` and :mod:`stager.graphs`);
 4. rebuilds the nested structure around the staged tensors and deep-copies the other leaves.
 
-With ``async_staging`` on, steps 2-4 run on a background thread and ``stage()`` returns a
-``concurrent.futures.Future`` of the staged dict, as DCP's ``DefaultStager`` does.
+With ``async_staging`` on, ``stage()`` returns a ``concurrent.futures.Future`` of the staged dict,
+as DCP's ``DefaultStager`` does. For device sources, steps 2-3 still run in ``stage()``, on the
+caller's thread, because they only *queue* the copies (a side stream waits on the device for the
+caller's current stream, then one graph replay); a background thread waits for the done event and
+then rebuilds the dict (step 4). CPU sources are copied on that thread.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 
 import torch
 
+from stager import nvtx
 from stager.arena import HostArena, StagedSet
 from stager.config import StagerConfig
+from stager.device import DeviceCopier, PendingCopy
 from stager.envs import CachePolicy, Mode
 from stager.headroom import HostDecision, decide_host, read_host
 from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
@@ -79,6 +85,7 @@ class GraphStager:
         self._spare_arenas: list[HostArena] = []
         self._fresh_alive = 0
         self._last_decision: HostDecision | None = None
+        self._copiers: dict[torch.device, DeviceCopier] = {}
 
     # ---------------------------------------------------------------- AsyncStager protocol
 
@@ -113,15 +120,81 @@ class GraphStager:
             return staged
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
+        staged_set: StagedSet | None = None
+        pending: PendingCopy | None = None
+        if plan.device_regions:
+            # Device sources: queue the copies here, behind the caller's current stream(s), so they
+            # copy the values as of this call; the worker only waits for the done events.
+            staged_set = self._acquire(plan, stats)
+            pending = PendingCopy()
+            try:
+                self._launch_devices(plan, staged_set, stats, pending)
+            except BaseException:
+                pending.wait()
+                staged_set.done()
+                raise
 
-        def run() -> Any:
-            staged = self._stage_into(plan, tensors, others, stats, t0)
-            self._finish(stats)
-            return staged
+        # The caller's Future is not the one the stager keeps (to wait on in synchronize_staging,
+        # re-planning and close): holding the staged dict in a Future of its own would keep its
+        # arena leased after the caller dropped it.
+        result: Future = Future()
+
+        def run() -> None:
+            wanted = result.set_running_or_notify_cancel()  # False: cancelled, still finish and release
+            try:
+                staged = self._stage_into(plan, tensors, others, stats, t0, staged_set, pending)
+                self._finish(stats)
+            except BaseException as exc:
+                if wanted:
+                    result.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
+            if wanted:
+                result.set_result(staged)
 
         self._future = self._executor.submit(run)
         stats.blocked_s = time.perf_counter() - t0
-        return self._future
+        return result
+
+    def stage_nowait(self, state_dict: Any) -> tuple[Any, PendingCopy | None]:
+        """Stage ``state_dict`` but leave the device copies in flight (for :func:`stager.wrap`).
+
+        Returns ``(staged, pending)``: the staged dict, whose tensors hold their final bytes only
+        once ``pending`` (a :class:`~stager.device.PendingCopy`, ``None`` when no copy is left in
+        flight) has completed -- on the host with ``pending.wait()``, or on the device by making a
+        stream wait on each of ``pending.events``. Until then the sources must not be written
+        (make the writing stream wait on the events first) and ``pending`` keeps them alive.
+        CPU sources are copied before this returns. Ignores ``async_staging``.
+        """
+        if self._closed:
+            raise StagerClosedError("stage_nowait() called on a closed GraphStager; create a new one")
+        t0 = time.perf_counter()
+        stats = StageStats()
+        plan, tensors, others = self._check_plan(state_dict, stats)
+        stats.plan_s = time.perf_counter() - t0
+        staged_set = self._acquire(plan, stats)
+        pending: PendingCopy | None = None
+        try:
+            if plan.device_regions:
+                pending = PendingCopy()
+                try:
+                    self._launch_devices(plan, staged_set, stats, pending)
+                except BaseException:
+                    pending.wait()
+                    raise
+            self._copy_cpu(plan, staged_set)
+            staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
+        finally:
+            # The staged dict now holds the lease; a later stage on the same device is queued on
+            # the same side stream, behind these copies.
+            staged_set.done()
+        stats.nbytes = plan.nbytes
+        stats.tensors = len(plan.leaves)
+        stats.regions = len(plan.regions)
+        stats.blocked_s = time.perf_counter() - t0
+        self._finish(stats)
+        return staged, pending
 
     def synchronize_staging(self) -> None:
         """Wait until the last asynchronous ``stage()`` is complete (no-op when synchronous)."""
@@ -141,6 +214,9 @@ class GraphStager:
             self._executor.shutdown(wait=True)
             self._executor = None
         self._sets.clear()
+        for copier in self._copiers.values():
+            copier.close()
+        self._copiers.clear()
         if self._plan is not None:
             self._plan.release_sources()
         self._plan = None
@@ -189,6 +265,8 @@ class GraphStager:
             s.arena for s in self._sets if not s.leased() and s.arena.nbytes >= plan.arena_bytes
         ][: self.config.max_arenas]
         self._sets = []
+        for copier in self._copiers.values():
+            copier.forget_plan()  # its bindings hold the old plan's sources
         if old is not None:
             old.release_sources()
         log.debug("stager: new plan, %d tensors in %d regions, %d bytes", len(plan.leaves), len(plan.regions), plan.arena_bytes)
@@ -286,15 +364,36 @@ class GraphStager:
     # ---------------------------------------------------------------- copying
 
     def _stage_into(
-        self, plan: Plan, tensors: list[torch.Tensor], others: list[Any], stats: StageStats, t0: float
+        self,
+        plan: Plan,
+        tensors: list[torch.Tensor],
+        others: list[Any],
+        stats: StageStats,
+        t0: float,
+        staged_set: StagedSet | None = None,
+        pending: PendingCopy | None = None,
     ) -> Any:
-        staged_set = self._acquire(plan, stats)
+        """Copy into a staged set and rebuild the dict around it.
+
+        ``staged_set`` and ``pending`` are given when the device copies were already queued (by an
+        asynchronous ``stage()`` on the caller's thread); this then only waits for them.
+        """
+        if staged_set is None:
+            staged_set = self._acquire(plan, stats)
         try:
             t1 = time.perf_counter()
-            self._copy(plan, staged_set)
+            if pending is None and plan.device_regions:
+                pending = PendingCopy()
+                self._launch_devices(plan, staged_set, stats, pending)
+            self._copy_cpu(plan, staged_set)
+            if pending is not None:
+                pending.wait()
+                t1 = min(t1, pending.t0)
             stats.copy_s = time.perf_counter() - t1
             staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
         finally:
+            if pending is not None:
+                pending.wait()  # never hand the set back while a copy may still write into it
             staged_set.done()
         stats.nbytes = plan.nbytes
         stats.tensors = len(plan.leaves)
@@ -302,24 +401,70 @@ class GraphStager:
         stats.complete_s = time.perf_counter() - t0
         return staged
 
-    def _copy(self, plan: Plan, staged_set: StagedSet) -> None:
-        if plan.cpu_src:
-            torch._foreach_copy_(staged_set.cpu_dst, plan.cpu_src)
-        for device, idx in plan.device_regions.items():
-            self._copy_device(plan, staged_set, device, idx)
+    def _copy(self, plan: Plan, staged_set: StagedSet, stats: StageStats | None = None) -> None:
+        """Copy every region of ``plan`` into ``staged_set``; complete when this returns."""
+        pending = PendingCopy()
+        try:
+            if plan.device_regions:
+                self._launch_devices(plan, staged_set, StageStats() if stats is None else stats, pending)
+            self._copy_cpu(plan, staged_set)
+        finally:
+            pending.wait()
 
-    def _copy_device(self, plan: Plan, staged_set: StagedSet, device: torch.device, idx: list[int]) -> None:
-        # Per-region copies on a side stream that waits for the caller's stream.
-        with torch.cuda.device(device):
-            current = torch.cuda.current_stream(device)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                for i in idx:
-                    staged_set.bases[i].copy_(plan.src_views[i], non_blocking=staged_set.arena.pinned)
-            side.synchronize()
+    def _copy_cpu(self, plan: Plan, staged_set: StagedSet) -> None:
+        if plan.cpu_src:
+            with nvtx.range("stager/copy", self.config.nvtx):
+                torch._foreach_copy_(staged_set.cpu_dst, plan.cpu_src)
+
+    def _launch_devices(self, plan: Plan, staged_set: StagedSet, stats: StageStats, pending: PendingCopy) -> None:
+        """Queue the copies of every device's regions (call on the caller's thread)."""
+        for device, idx in plan.device_regions.items():
+            self._copy_device(plan, staged_set, device, idx, stats, pending)
+        stats.captures = sum(c.captures for c in self._copiers.values())
+        stats.replays = sum(c.replays for c in self._copiers.values())
+
+    def _copy_device(
+        self,
+        plan: Plan,
+        staged_set: StagedSet,
+        device: torch.device,
+        idx: list[int],
+        stats: StageStats,
+        pending: PendingCopy,
+    ) -> None:
+        if device.type != "cuda":
+            # Another accelerator: plain synchronous per-region copies.
+            for i in idx:
+                staged_set.bases[i].copy_(plan.src_views[i])
+            stats.device_path = "direct"
+            stats.executor = "eager"
+            return
+        if device.index is None:  # pragma: no cover - storages always name their device index
+            device = torch.device("cuda", torch.cuda.current_device())
+        copier = self._copiers.get(device)
+        if copier is None:
+            copier = self._copiers[device] = DeviceCopier(device, self.config)
+        # The caller's current stream on that device, read on the caller's thread.
+        copier.launch(plan, staged_set, torch.cuda.current_stream(device), stats, pending)
 
     # -- restore: see stager/restore.py
+
+    def restore(self, staged: Any, into: Any) -> StageStats:
+        """Copy a staged dict back into the live tensors of ``into``, in place and bit-exact.
+
+        ``into`` has the structure of the state dict that was staged (its tensors are written;
+        non-tensor leaves are left alone). CPU targets: one ``_foreach_copy_``; CUDA targets: one
+        host-to-device copy (from this stager's pinned arena when it holds the staged bytes) and
+        one ``unpack_scatter`` launch. Returns the restore's :class:`StageStats`.
+
+        Raises:
+            RestoreMismatchError: (a ``ValueError``) structure, shape or dtype differ, naming the
+                key path; nothing was copied.
+        """
+        from stager.restore import restore_state
+
+        arenas = [s.arena.tensor for s in getattr(self, "_sets", ()) if hasattr(getattr(s, "arena", None), "tensor")]
+        return restore_state(staged, into, nvtx_enabled=self.config.nvtx, host_buffers=arenas)
 
     def _finish(self, stats: StageStats) -> None:
         if stats.copy_s > 0:

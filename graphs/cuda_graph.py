@@ -1,0 +1,261 @@
+"""Capture a bound staging program as CUDA graphs once, replay it every checkpoint.
+
+The first run of a program on a destination warms it up eagerly on the executor's side stream
+(that compiles and loads the pack kernel, and is this checkpoint's copy), then captures it, in
+``replay_pieces`` consecutive slices, each into its own ``torch.cuda.CUDAGraph`` on the same
+stream. Later runs replay the graphs: one launch per piece, whatever the number of tensors.
+
+What a capture bakes in, and so what it is keyed by (:class:`CaptureKey`): the program (its
+structure), the destination arena, the chunk buffers and the address of every source span. The
+sources are fingerprinted before every replay (:func:`~stager.graphs.program.source_fingerprint`:
+one ``data_ptr()`` per region): a replay after a source moved would copy stale or freed memory, so
+any change re-captures instead. :class:`CaptureTracker` is that decision as a pure state machine
+(testable without a GPU); it also counts captures and replays.
+
+Capture rules followed here (see ``torch/cuda/graphs.py``): every buffer is allocated before
+capture and nothing is allocated during it (pack tables are prepared when binding, chunks belong
+to the caller); destinations are pinned host memory; ``capture_error_mode="thread_local"`` so a
+training thread's unsafe CUDA calls elsewhere do not abort the capture. ``capture_begin`` is
+called directly rather than through ``torch.cuda.graph``, whose entry synchronises the whole
+device and empties the allocator's cache: neither belongs in a training step.
+
+Events (``RecordEventOp``) are not captured: they are recorded on the side stream right after the
+replay of the piece that holds them, so a caller can wait on an ordinary event.
+
+If a capture fails the executor says why once (a log warning), stays in state ``FAILED`` and runs
+the program eagerly from then on; the checkpoint in hand was already copied by the warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stager import nvtx
+from stager.graphs.eager import issue_ops
+from stager.graphs.program import RECORD, Bindings
+
+__all__ = ["GraphState", "Action", "CaptureKey", "CaptureTracker", "CudaGraphExecutor", "capture_key"]
+
+log = logging.getLogger("stager")
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(message: str) -> None:
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.warning("%s", message)
+
+
+class GraphState(str, enum.Enum):
+    """Where an executor stands."""
+
+    EMPTY = "empty"
+    """Nothing captured yet: the next run warms up and captures."""
+    CAPTURED = "captured"
+    """Graphs for :attr:`CaptureTracker.key` are ready to replay."""
+    FAILED = "failed"
+    """A capture failed: every run is eager from now on."""
+
+
+class Action(str, enum.Enum):
+    """What a run does, decided by :meth:`CaptureTracker.decide`."""
+
+    CAPTURE = "capture"
+    """First capture: warm up eagerly, then capture."""
+    RECAPTURE = "recapture"
+    """The key changed (a source moved, another arena or chunk): drop the graphs, capture anew."""
+    REPLAY = "replay"
+    """Same key as the capture: replay the graphs."""
+    EAGER = "eager"
+    """Capture failed earlier: run the ops eagerly."""
+
+
+@dataclass(frozen=True)
+class CaptureKey:
+    """Everything a captured graph has baked in. Equal keys: the graph may be replayed."""
+
+    program: tuple
+    """:attr:`Program.key` (structure: ops, offsets, sizes, slots, chunk bytes)."""
+    arena: int
+    """Address of the destination arena."""
+    chunks: tuple[int, ...]
+    """Addresses of the chunk buffers."""
+    sources: tuple[int, ...]
+    """Address of every source span, in the program's region order (the fingerprint)."""
+
+
+def capture_key(bindings: Bindings, sources: tuple[int, ...] | None = None) -> CaptureKey:
+    """The key of ``bindings``; ``sources`` is the fingerprint when already computed."""
+    from stager.graphs.program import source_fingerprint
+
+    program = bindings.program
+    if sources is None:
+        sources = source_fingerprint(program, bindings.sources)
+    return CaptureKey(
+        program=program.key,
+        arena=bindings.arena.data_ptr(),
+        chunks=tuple(c.data_ptr() for c in bindings.chunks[: program.slots]),
+        sources=sources,
+    )
+
+
+@dataclass
+class CaptureTracker:
+    """The capture/replay decision and its counters, with no CUDA in sight."""
+
+    state: GraphState = GraphState.EMPTY
+    key: CaptureKey | None = None
+    """Key of the graphs held (``None`` before the first capture)."""
+    captures: int = 0
+    replays: int = 0
+    eager_runs: int = 0
+    failure: str | None = None
+    """Why the capture failed (state ``FAILED``)."""
+    history: list[Action] = field(default_factory=list, repr=False)
+    """Every action taken, in order (bounded to the last 64)."""
+
+    def decide(self, key: CaptureKey) -> Action:
+        """What to do for a run whose current key is ``key`` (changes nothing)."""
+        if self.state is GraphState.FAILED:
+            return Action.EAGER
+        if self.state is GraphState.EMPTY:
+            return Action.CAPTURE
+        return Action.REPLAY if key == self.key else Action.RECAPTURE
+
+    def _note(self, action: Action) -> None:
+        self.history.append(action)
+        del self.history[:-64]
+
+    def captured(self, key: CaptureKey, action: Action = Action.CAPTURE) -> None:
+        """A capture for ``key`` succeeded."""
+        self.state = GraphState.CAPTURED
+        self.key = key
+        self.captures += 1
+        self._note(action)
+
+    def replayed(self) -> None:
+        self.replays += 1
+        self._note(Action.REPLAY)
+
+    def failed(self, reason: str) -> None:
+        """A capture failed: eager from now on."""
+        self.state = GraphState.FAILED
+        self.key = None
+        self.failure = reason
+        self._note(Action.EAGER)
+
+    def ran_eager(self) -> None:
+        self.eager_runs += 1
+        self._note(Action.EAGER)
+
+
+class CudaGraphExecutor:
+    """Runs one program into one destination: capture once, replay while the key holds.
+
+    Args:
+        stream: the side stream (``torch.cuda.Stream`` on the program's device) that every
+            warm-up, capture and replay uses.
+        pieces: how many graphs the program is cut into (``STAGER_REPLAY_PIECES``).
+        nvtx_enabled: emit ``stager/capture`` / ``stager/replay`` ranges.
+    """
+
+    def __init__(self, stream: Any, *, pieces: int = 1, nvtx_enabled: bool = False) -> None:
+        self.stream = stream
+        self.pieces = max(1, int(pieces))
+        self.nvtx = nvtx_enabled
+        self.tracker = CaptureTracker()
+        self._graphs: list[tuple[Any, range]] = []
+        self._bindings: Bindings | None = None
+
+    @property
+    def state(self) -> GraphState:
+        return self.tracker.state
+
+    def keepalive(self) -> tuple[Any, ...]:
+        """What must outlive the copies just queued: the graphs and the memory they address.
+
+        Re-capturing replaces (never mutates) these, so a holder keeps the old ones valid.
+        """
+        return (self._graphs, self._bindings)
+
+    def run(self, bindings: Bindings, key: CaptureKey | None = None) -> Action:
+        """Stage once through ``bindings`` on the side stream; returns what was done.
+
+        The caller has made the side stream wait for the producer of the sources. On return the
+        copies (and the ``done`` event) are queued on the side stream, not finished.
+        """
+        if key is None:
+            key = capture_key(bindings)
+        action = self.tracker.decide(key)
+        device = bindings.program.device
+        with torch.cuda.device(device.index), torch.cuda.stream(self.stream):
+            if action is Action.REPLAY:
+                with nvtx.range("stager/replay", self.nvtx):
+                    self._replay(bindings)
+                self.tracker.replayed()
+                return action
+            if action is Action.EAGER:
+                issue_ops(bindings, nvtx_enabled=self.nvtx)
+                self.tracker.ran_eager()
+                return action
+            # CAPTURE / RECAPTURE. Old graphs live on in whatever keepalive() handed out.
+            self._graphs = []
+            self._bindings = None
+            with nvtx.range("stager/capture", self.nvtx):
+                issue_ops(bindings, nvtx_enabled=self.nvtx)  # warm-up: also this checkpoint's copy
+                try:
+                    graphs = self._capture(bindings)
+                except Exception as exc:  # noqa: BLE001 - any capture failure means eager
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self.tracker.failed(reason)
+                    _warn_once(
+                        f"stager: CUDA-graph capture of the staging program on {device} failed ({reason}); "
+                        "staging runs eagerly (set STAGER_GRAPHS=off to skip the attempt)"
+                    )
+                    return Action.EAGER
+            self._graphs = graphs
+            self._bindings = bindings
+            self.tracker.captured(key, action)
+            return action
+
+    def _capture(self, bindings: Bindings) -> list[tuple[Any, range]]:
+        graphs: list[tuple[Any, range]] = []
+        steps = bindings.steps
+        for r in bindings.program.pieces(self.pieces):
+            if all(steps[i][0] == RECORD for i in r):
+                graphs.append((None, r))  # nothing to capture (events only)
+                continue
+            g = torch.cuda.CUDAGraph()
+            g.capture_begin(capture_error_mode="thread_local")
+            try:
+                issue_ops(bindings, r, record_events=False)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    g.capture_end()
+                raise
+            g.capture_end()
+            graphs.append((g, r))
+        return graphs
+
+    def _replay(self, bindings: Bindings) -> None:
+        steps = bindings.steps
+        events = bindings.events
+        for g, r in self._graphs:
+            if g is not None:
+                g.replay()
+            for i in r:
+                code, name, _ = steps[i]
+                if code == RECORD and name in events:
+                    events[name].record()
+

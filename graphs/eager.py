@@ -1,0 +1,79 @@
+"""Run a bound staging program now, op by op, on one stream.
+
+This is the executor for the CPU (programs over CPU tensors, packed with the Triton interpreter or
+the plain-torch reference), for the fresh path (an arena used once is not worth a capture), for
+the warm-up before a capture (the first launch compiles the pack kernel), and for the fallback
+when capture is off or failed. The same function issues the ops under capture, so what is
+replayed is exactly what ran eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+
+from stager import nvtx
+from stager.graphs.program import COPY, PACK, Bindings
+
+__all__ = ["run_eager", "issue_ops"]
+
+
+def _stream_context(stream: Any) -> ContextManager[Any]:
+    if stream is None:
+        return contextlib.nullcontext()
+    return torch.cuda.stream(stream)
+
+
+def _device_context(device: torch.device) -> ContextManager[Any]:
+    if device.type == "cuda":
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
+def issue_ops(
+    bindings: Bindings,
+    ops: range | None = None,
+    *,
+    record_events: bool = True,
+    nvtx_enabled: bool = False,
+) -> None:
+    """Issue the ops at indices ``ops`` (default: the whole program) on the current stream.
+
+    ``record_events=False`` skips :class:`~stager.graphs.program.RecordEventOp` (a capture
+    records its events after the replay instead, outside the graph).
+    """
+    from stager.kernels import pack_gather
+
+    steps = bindings.steps if ops is None else bindings.steps[ops.start : ops.stop]
+    use_triton = bindings.use_triton
+    non_blocking = bindings.non_blocking
+    events = bindings.events
+    for code, a, b in steps:
+        if code == COPY:
+            with nvtx.range("stager/copy", nvtx_enabled):
+                a.copy_(b, non_blocking=non_blocking)
+        elif code == PACK:
+            with nvtx.range("stager/pack", nvtx_enabled):
+                pack_gather(a, b, validate=False, use_triton=use_triton)
+        elif record_events and a in events:
+            events[a].record()
+
+
+def run_eager(
+    bindings: Bindings,
+    *,
+    stream: Any = None,
+    ops: range | None = None,
+    nvtx_enabled: bool = False,
+) -> None:
+    """Run the bound program (or the op indices ``ops``) now on ``stream``.
+
+    ``stream`` is a ``torch.cuda.Stream`` of the program's device, or None for the current stream
+    (and for CPU programs, which run synchronously). On a device the copies are queued, not
+    finished, when this returns: wait on the program's ``done`` event.
+    """
+    device = bindings.program.device
+    with _device_context(device), _stream_context(stream):
+        issue_ops(bindings, ops, nvtx_enabled=nvtx_enabled)

@@ -1,0 +1,323 @@
+"""The device staging path: one :class:`DeviceCopier` per CUDA device a state dict lives on.
+
+For each ``stage()`` that has regions on its device, a copier (on the caller's thread):
+
+1. takes the staging program for the plan (built once per plan: small regions in packed runs,
+   large ones direct, see :mod:`stager.graphs.program`) and makes sure its device chunks exist;
+   where they cannot be allocated (``torch.cuda.OutOfMemoryError``) the program is rebuilt with
+   every region direct and the stats say so;
+2. binds the program to the staged set's arena (once per arena, sources and chunks; again only
+   when a source moved);
+3. makes its low-priority side stream wait for the caller's current stream (on the device: the
+   CPU does not wait);
+4. runs the program on the side stream: a CUDA-graph replay (:class:`CudaGraphExecutor`, one per
+   cached arena, since each arena is a different destination) when the arena is cached and
+   pinned and graphs are on; eagerly otherwise;
+5. records a ``done`` event after it and returns a :class:`PendingCopy` that holds the event and
+   every tensor the queued copies touch (sources, chunks, graphs, arena) until it is waited on.
+
+The decision packed / direct and the chunk size is taken in one place,
+:meth:`DeviceCopier._decide_packing` (the headroom module plugs in there).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from stager.envs import Mode, format_size
+from stager.graphs.cuda_graph import Action, CaptureKey, CudaGraphExecutor
+from stager.graphs.eager import run_eager
+from stager.graphs.program import Bindings, Program, bind_program, build_program, source_fingerprint
+
+if TYPE_CHECKING:
+    from stager.arena import StagedSet
+    from stager.config import StagerConfig
+    from stager.plan import Plan
+    from stager.stats import StageStats
+
+__all__ = ["CHUNK_SLOTS", "DeviceCopier", "PendingCopy", "combine_executor", "use_triton"]
+
+log = logging.getLogger("stager")
+
+CHUNK_SLOTS = 2
+"""Device chunks the packed runs cycle through (the ring)."""
+_LOW_PRIORITY = 0
+"""CUDA stream priorities run from 0 (lowest, the default) to negative numbers (higher)."""
+
+_EXECUTOR_RANK = {"cpu": 0, "eager": 1, "graph-replay": 2, "graph-capture": 3}
+
+
+def combine_executor(a: str, b: str) -> str:
+    """The executor to report for a stage that used both ``a`` and ``b`` (several devices)."""
+    return a if _EXECUTOR_RANK.get(a, 0) >= _EXECUTOR_RANK.get(b, 0) else b
+
+
+def use_triton(mode: Mode) -> bool | None:
+    """``pack_gather``'s ``use_triton`` for ``STAGER_TRITON``: on insists, off uses the reference."""
+    return {Mode.ON: True, Mode.OFF: False}.get(mode)
+
+
+class PendingCopy:
+    """Device copies queued for one ``stage()``: their done events and what they read and write.
+
+    :meth:`wait` blocks until every event completed, then lets go of the references.
+    """
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self._events: list[Any] = []
+        self._keep: list[Any] = []
+
+    @property
+    def events(self) -> tuple[Any, ...]:
+        """The done events (``torch.cuda.Event``, one per device): a stream that must see the
+        staged bytes, or must not overwrite the sources yet, waits on these."""
+        return tuple(self._events)
+
+    def add(self, event: Any, keep: Any) -> None:
+        self._events.append(event)
+        self._keep.append(keep)
+
+    def query(self) -> bool:
+        """Whether every copy has completed (never blocks)."""
+        return all(e.query() for e in self._events)
+
+    def wait(self) -> None:
+        """Block until every copy has completed."""
+        for e in self._events:
+            e.synchronize()
+        self._keep.clear()
+
+
+@dataclass(eq=False)
+class _Entry:
+    """Per staged set: its bindings, their fingerprint, and (cached sets) its graph executor."""
+
+    bindings: Bindings | None = None
+    fingerprint: tuple[int, ...] = ()
+    executor: CudaGraphExecutor | None = None
+
+
+class DeviceCopier:
+    """Stages the regions of a plan that live on one CUDA ``device``; one per device per stager.
+
+    Owns the side stream, the staging program of the current plan, the device chunks (created
+    once, reused by every cached arena) and one graph executor per cached arena.
+    """
+
+    def __init__(self, device: torch.device, config: "StagerConfig") -> None:
+        if device.type != "cuda" or device.index is None:
+            raise ValueError(f"DeviceCopier needs an indexed CUDA device, got {device}")
+        self.device = device
+        self.config = config
+        self._stream: Any = None
+        self._plan: "Plan | None" = None
+        self.program: Program | None = None
+        """The staging program of the current plan."""
+        self.path = ""
+        """``packed`` or ``direct``: what the current program does."""
+        self._chunks: tuple[torch.Tensor, ...] = ()
+        self._entries: "weakref.WeakKeyDictionary[StagedSet, _Entry]" = weakref.WeakKeyDictionary()
+        self.captures = 0
+        """CUDA-graph captures made by this copier so far (re-captures included)."""
+        self.replays = 0
+        """CUDA-graph replays made by this copier so far (one per stage, whatever the pieces)."""
+
+    # ------------------------------------------------------------------ resources
+
+    @property
+    def stream(self) -> Any:
+        """The low-priority side stream every staging op of this device runs on."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device, priority=_LOW_PRIORITY)
+        return self._stream
+
+    def _drop_entries(self) -> None:
+        self._entries = weakref.WeakKeyDictionary()
+
+    def forget_plan(self) -> None:
+        """Drop the program, bindings and graphs of the current plan (it was replaced), so they
+        no longer keep its sources alive. Chunks and the stream stay for the next plan."""
+        self._drop_entries()
+        self.program = None
+        self._plan = None
+
+    def close(self) -> None:
+        """Drop the graphs, bindings and chunks (copies in flight keep what they use)."""
+        self.forget_plan()
+        self._chunks = ()
+
+    # ------------------------------------------------------------------ program and chunks
+
+    def _decide_packing(self, program: Program) -> tuple[bool, int, str]:
+        """Pack or not, and with which chunk size: the single place this is decided.
+
+        ``program`` is the packed program built with the configured chunk size; its
+        ``device_bytes`` (``slots * chunk_bytes``) is what packing would allocate. Returns
+        ``(pack, chunk_size, reason)``. The headroom module's ``decide_device`` belongs here;
+        until then packing is tried with the configured size and an allocation failure falls
+        back to direct copies (see :meth:`_program_for`).
+        """
+        return True, self.config.chunk_size, "configured chunk size"
+
+    def _build(self, plan: "Plan", *, chunk_size: int | None = None, pack: bool = True) -> Program:
+        cfg = self.config
+        return build_program(
+            plan.regions,
+            self.device,
+            pack_threshold=cfg.pack_threshold,
+            chunk_size=chunk_size or cfg.chunk_size,
+            slots=CHUNK_SLOTS,
+            pack=pack,
+        )
+
+    def _program_for(self, plan: "Plan", stats: "StageStats") -> Program:
+        if plan is self._plan and self.program is not None:
+            return self.program
+        program = self._build(plan)
+        if program.packed:
+            pack, chunk_size, reason = self._decide_packing(program)
+            if not pack:
+                stats.notes.append(f"{self.device}: direct copies ({reason})")
+                program = self._build(plan, pack=False)
+            elif chunk_size != self.config.chunk_size:
+                stats.notes.append(f"{self.device}: chunk size {format_size(chunk_size)} ({reason})")
+                program = self._build(plan, chunk_size=chunk_size)
+        if program.packed and not self._ensure_chunks(program):
+            stats.notes.append(
+                f"{self.device}: out of device memory for {program.slots} staging chunk(s) of "
+                f"{format_size(program.chunk_bytes)}; copying each region directly"
+            )
+            log.warning("stager: %s", stats.notes[-1])
+            program = self._build(plan, pack=False)
+        if not program.packed and self._chunks:
+            self._chunks = ()  # not needed any more: give the memory back
+        self._drop_entries()  # bindings and graphs of the previous plan (its sets are gone)
+        self._plan = plan
+        self.program = program
+        self.path = "packed" if program.packed else "direct"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("stager: %s", program.describe())
+        return program
+
+    def _ensure_chunks(self, program: Program) -> bool:
+        """Make sure ``program.slots`` chunks of ``program.chunk_bytes`` exist; False on OOM."""
+        have = self._chunks
+        if len(have) >= program.slots and all(c.numel() >= program.chunk_bytes for c in have[: program.slots]):
+            return True
+        self._chunks = ()
+        self._drop_entries()  # their graphs address the old chunks
+        try:
+            self._chunks = self._allocate_chunks(program.slots, program.chunk_bytes)
+        except torch.cuda.OutOfMemoryError:
+            return False
+        return True
+
+    def _allocate_chunks(self, slots: int, nbytes: int) -> tuple[torch.Tensor, ...]:
+        # On the side stream, the only stream that ever uses them.
+        with torch.cuda.stream(self.stream):
+            return tuple(torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(slots))
+
+    # ------------------------------------------------------------------ staging
+
+    def _graphs_wanted(self, staged_set: "StagedSet", stats: "StageStats") -> bool:
+        mode = self.config.graphs
+        if mode is Mode.OFF or not staged_set.cached:
+            return False
+        if not staged_set.arena.pinned:
+            if mode is Mode.ON:
+                stats.notes.append(f"{self.device}: STAGER_GRAPHS=on but the arena is not pinned; eager copies")
+            return False
+        return True
+
+    def _bind(self, plan: "Plan", program: Program, staged_set: "StagedSet") -> Bindings:
+        return bind_program(
+            program,
+            plan.src_views,
+            staged_set.arena.tensor,
+            self._chunks,
+            use_triton=use_triton(self.config.triton),
+            non_blocking=staged_set.arena.pinned,
+        )
+
+    def launch(
+        self,
+        plan: "Plan",
+        staged_set: "StagedSet",
+        caller_stream: Any,
+        stats: "StageStats",
+        pending: PendingCopy | None = None,
+    ) -> PendingCopy:
+        """Queue the copies of this device's regions of ``plan`` into ``staged_set``.
+
+        ``caller_stream`` is the stream that produced the sources (the caller's current stream,
+        taken on the caller's thread); the side stream waits for it on the device. Returns at
+        once with ``pending`` (a new one by default), to which the done event was added: wait on
+        it before reading the staged tensors.
+        """
+        cfg = self.config
+        if pending is None:
+            pending = PendingCopy()
+        with torch.cuda.device(self.device.index):
+            side = self.stream
+            program = self._program_for(plan, stats)
+            fingerprint = source_fingerprint(program, plan.src_views)
+            graphs = self._graphs_wanted(staged_set, stats)
+            # Cached sets keep their bindings (and graphs); a fresh set is bound for this call only.
+            entry = self._entries.get(staged_set) if staged_set.cached else None
+            if entry is None:
+                entry = _Entry()
+                if staged_set.cached:
+                    self._entries[staged_set] = entry
+            bindings = entry.bindings
+            if bindings is None or bindings.program is not program or entry.fingerprint != fingerprint:
+                # Binding prepares the pack tables on the side stream (a host-to-device copy):
+                # before the side stream is made to wait for the caller.
+                with torch.cuda.stream(side):
+                    bindings = self._bind(plan, program, staged_set)
+                entry.bindings = bindings
+                entry.fingerprint = fingerprint
+            # blocking: a thread that waits on it sleeps instead of spinning a CPU core
+            done = torch.cuda.Event(blocking=True)
+            bindings.events["done"] = done
+            side.wait_stream(caller_stream)
+            if graphs:
+                if entry.executor is None:
+                    entry.executor = CudaGraphExecutor(side, pieces=cfg.replay_pieces, nvtx_enabled=cfg.nvtx)
+                key = CaptureKey(
+                    program=program.key,
+                    arena=bindings.arena.data_ptr(),
+                    chunks=tuple(c.data_ptr() for c in bindings.chunks[: program.slots]),
+                    sources=fingerprint,
+                )
+                action = entry.executor.run(bindings, key)
+                if action in (Action.CAPTURE, Action.RECAPTURE):
+                    self.captures += 1
+                elif action is Action.REPLAY:
+                    self.replays += 1
+                executor = {
+                    Action.CAPTURE: "graph-capture",
+                    Action.RECAPTURE: "graph-capture",
+                    Action.REPLAY: "graph-replay",
+                    Action.EAGER: "eager",
+                }[action]
+                if action is Action.EAGER and entry.executor.tracker.failure:
+                    note = f"{self.device}: graph capture failed ({entry.executor.tracker.failure}); eager"
+                    if note not in stats.notes:
+                        stats.notes.append(note)
+                keep: Any = (bindings, entry.executor.keepalive(), plan.src_views, self._chunks)
+            else:
+                run_eager(bindings, stream=side, nvtx_enabled=cfg.nvtx)
+                executor = "eager"
+                keep = (bindings, plan.src_views, self._chunks)
+            bindings.events.pop("done", None)
+        pending.add(done, keep)
+        stats.executor = combine_executor(stats.executor, executor)
+        stats.device_path = "packed" if self.path == "packed" or stats.device_path == "packed" else "direct"
+        return pending
