@@ -159,12 +159,29 @@ class DeviceCopier:
         """Pack or not, and with which chunk size: the single place this is decided.
 
         ``program`` is the packed program built with the configured chunk size; its
-        ``device_bytes`` (``slots * chunk_bytes``) is what packing would allocate. Returns
-        ``(pack, chunk_size, reason)``. The headroom module's ``decide_device`` belongs here;
-        until then packing is tried with the configured size and an allocation failure falls
-        back to direct copies (see :meth:`_program_for`).
+        ``device_bytes`` (``slots * chunk_bytes``) is what packing would allocate. The device
+        headroom (NVML free plus the caching allocator's slack, less ``STAGER_DEVICE_RESERVE``)
+        decides through :func:`stager.headroom.decide_device`: the configured chunks, smaller
+        chunks, or direct copies. Returns ``(pack, chunk_size, reason)``. An allocation that
+        still fails falls back to direct copies (see :meth:`_program_for`).
         """
-        return True, self.config.chunk_size, "configured chunk size"
+        from stager.headroom import DeviceMode, decide_device, read_device
+
+        reading = read_device(self.device) if self.device.type == "cuda" else None
+        if reading is None:
+            return True, self.config.chunk_size, "device headroom unknown; configured chunk size"
+        d = decide_device(
+            program.device_bytes,
+            program.chunk_bytes,
+            reading,
+            self.config.device_reserve,
+            chunks_in_flight=program.slots,
+        )
+        if d.mode is DeviceMode.DIRECT:
+            return False, 0, d.reason
+        if d.mode is DeviceMode.PACKED:
+            return True, self.config.chunk_size, d.reason
+        return True, d.chunk_bytes, d.reason
 
     def _build(self, plan: "Plan", *, chunk_size: int | None = None, pack: bool = True) -> Program:
         cfg = self.config

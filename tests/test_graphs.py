@@ -843,3 +843,36 @@ def test_stage_nowait_on_the_cpu_has_nothing_in_flight() -> None:
         staged, pending = stager.stage_nowait(sd)
         assert pending is None
         _assert_same(sd, staged)
+
+
+def _device_reading(free: int) -> Any:
+    from stager.headroom import DeviceReading
+
+    return DeviceReading(index=0, free_bytes=free, source="test reading (injected)", nvml_free=free,
+                         allocator_slack=0, total_bytes=None, physical="test")
+
+
+@pytest.mark.parametrize(
+    "free, path, chunk",
+    [
+        pytest.param(1 << 30, "packed", 1 << 22, id="room-configured-chunks"),
+        pytest.param((2 << 20) + 4096, "packed", 1 << 20, id="tight-shrunk-chunks"),
+        pytest.param(4096, "direct", None, id="full-gpu-direct"),
+    ],
+)
+def test_device_headroom_chooses_packed_shrunk_or_direct(
+    monkeypatch: pytest.MonkeyPatch, free: int, path: str, chunk: int | None
+) -> None:
+    import stager.headroom as headroom
+
+    monkeypatch.setattr(headroom, "read_device", lambda device: _device_reading(free))
+    cfg = StagerConfig.resolve(pack_threshold=1 << 20, chunk_size=1 << 22, device_reserve=0)
+    copier = DeviceCopier(GPU0, cfg)
+    monkeypatch.setattr(copier, "_allocate_chunks", lambda s, n: tuple(torch.empty(n, dtype=torch.uint8) for _ in range(s)))
+    stats = StageStats()
+    program = copier._program_for(_fake_plan([512 << 10] * 16), stats)
+    assert copier.path == path
+    if chunk is not None:
+        assert program.chunk_size == chunk
+    if path == "direct":
+        assert any("test reading (injected)" in n for n in stats.notes)
