@@ -17,7 +17,9 @@ from stager.errors import (
     StagingMemoryError,
 )
 from stager.stager import GraphStager
+from stager.restore import RestoreMismatchError
 from stager.stats import StageStats
+from stager.wrap import CheckpointWriteError, WrapHandle, load_checkpoint, wrap
 
 __all__ = [
     "GraphStager",
@@ -30,4 +32,9 @@ __all__ = [
     "LeaseTimeoutError",
     "StagerClosedError",
     "RegionTableError",
+    "wrap",
+    "WrapHandle",
+    "load_checkpoint",
+    "CheckpointWriteError",
+    "RestoreMismatchError",
 ]

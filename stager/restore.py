@@ -1,0 +1,255 @@
+"""In-memory restore: copy a staged copy back into the live tensors, in place, bit-exact.
+
+``restore_state(staged, into)`` pairs the tensors of a staged dict (what ``GraphStager.stage()``
+returned) with the tensors of ``into`` (the live state dict: ``model.state_dict()``, an
+optimizer's ``state_dict()``, or the nested dict ``wrap`` stages) by key path, checks that the two
+structures match, and copies every staged tensor into its live counterpart:
+
+* live CPU tensors: one ``torch._foreach_copy_``;
+* live CUDA tensors (per device): the staged bytes go to the device in *one* host-to-device copy
+  and one ``unpack_scatter`` launch writes them to the live addresses. When the staged tensors lie
+  in one host buffer the stager knows (its pinned arena), that buffer's span is the source and no
+  host copy is made; otherwise the bytes are first packed on the host. Live tensors that are not
+  contiguous, or whose bytes partly overlap another live tensor, are copied one by one instead.
+  Restore is eager (no CUDA graph: a rollback is rare, and the table is built per call) and ends
+  with the current stream synchronized, so the live tensors hold the staged bytes when it returns.
+
+Only tensors are restored. Non-tensor leaves (an optimizer's ``lr``, a step counter stored as an
+``int``) cannot be written in place; the caller restores them (``WrapHandle.restore`` restores the
+optimizer's hyperparameters). Tensors inside arbitrary objects are not restored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import torch
+
+from stager import nvtx
+from stager.errors import StagerError
+from stager.stats import StageStats
+
+__all__ = ["RestoreMismatchError", "match_tensors", "restore_state"]
+
+_ALIGN = 16  # packed-buffer offsets of the host-packed path: keeps the kernel's 16-byte path open
+
+
+class RestoreMismatchError(StagerError, ValueError):
+    """The staged copy and the restore target differ in structure, shape or dtype.
+
+    Raised before any byte is copied, naming the key path of the first difference.
+    """
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"dtype={t.dtype}, shape={tuple(t.shape)}, device={t.device}"
+
+
+def match_tensors(staged: Any, into: Any, path: str = "") -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """``(staged, live, key path)`` for every tensor leaf, checking that the structures match.
+
+    Raises:
+        RestoreMismatchError: a key, length, container type, shape or dtype differs; the message
+            names the key path (``state_dict['model']['fc.weight']``).
+    """
+    out: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+    _match(staged, into, path, out)
+    return out
+
+
+def _mismatch(path: str, problem: str) -> RestoreMismatchError:
+    return RestoreMismatchError(
+        f"cannot restore state_dict{path or ''}: {problem}; restore into a state dict of the same "
+        "structure as the staged copy (the model and optimizer it was staged from)"
+    )
+
+
+def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor, str]]) -> None:
+    s_tensor, t_tensor = isinstance(s, torch.Tensor), isinstance(t, torch.Tensor)
+    if s_tensor or t_tensor:
+        if not (s_tensor and t_tensor):
+            got = _describe(t) if t_tensor else type(t).__name__
+            want = _describe(s) if s_tensor else type(s).__name__
+            raise _mismatch(path, f"the staged copy has {want} but the target has {got}")
+        if s.dtype != t.dtype or s.shape != t.shape:
+            raise _mismatch(path, f"the staged copy has {_describe(s)} but the target has {_describe(t)}")
+        if t.device.type == "meta":
+            raise _mismatch(path, f"the target is a meta tensor ({_describe(t)}) with no memory to restore into")
+        out.append((s, t, path))
+    elif isinstance(s, Mapping):
+        if not isinstance(t, Mapping):
+            raise _mismatch(path, f"the staged copy has a {type(s).__name__} but the target has {type(t).__name__}")
+        if s.keys() != t.keys():
+            missing = [k for k in s if k not in t]
+            extra = [k for k in t if k not in s]
+            raise _mismatch(path, f"keys differ: missing in the target {missing[:5]}, only in the target {extra[:5]}")
+        for k, v in s.items():
+            _match(v, t[k], f"{path}[{k!r}]", out)
+    elif isinstance(s, (list, tuple)):
+        if not isinstance(t, (list, tuple)) or len(s) != len(t):
+            got = f"{type(t).__name__} of length {len(t)}" if isinstance(t, (list, tuple)) else type(t).__name__
+            raise _mismatch(path, f"the staged copy has a {type(s).__name__} of length {len(s)} but the target has {got}")
+        for i, (a, b) in enumerate(zip(s, t)):
+            _match(a, b, f"{path}[{i}]", out)
+    # Any other leaf holds no tensor we restore (see the module docstring).
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _split_packable(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Split pairs into byte-copyable ones (deduplicated, non-overlapping live spans) and the rest."""
+    fast: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    slow: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for s, t in pairs:
+        n = _nbytes(t)
+        if n == 0:
+            continue
+        if s.is_contiguous() and t.is_contiguous():
+            fast.setdefault((t.data_ptr(), n), (s, t))  # tied weights: one region
+        else:
+            slow.append((s, t))
+    # Live spans that partly overlap another cannot be scattered concurrently: copy them one by one.
+    spans = sorted(fast)
+    overlapping: set[tuple[int, int]] = set()
+    end, last = -1, None
+    for key in spans:
+        addr, n = key
+        if addr < end and last is not None:
+            overlapping.update((key, last))
+        if addr + n > end:
+            end, last = addr + n, key
+    slow.extend(fast.pop(k) for k in sorted(overlapping))
+    return list(fast.values()), slow
+
+
+def _host_source(
+    staged: list[torch.Tensor], host_buffers: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[int]]:
+    """One host uint8 tensor holding every staged tensor's bytes, and each tensor's offset in it.
+
+    The span of a known host buffer (the stager's arena) when it holds them all; else a new
+    buffer packed on the host.
+    """
+    lo = min(s.data_ptr() for s in staged)
+    hi = max(s.data_ptr() + _nbytes(s) for s in staged)
+    spans = sorted((s.data_ptr(), s.data_ptr() + _nbytes(s)) for s in staged)
+    disjoint = all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # packed regions may not overlap
+    for buf in host_buffers if disjoint else ():
+        base = buf.data_ptr()
+        if buf.device.type == "cpu" and buf.dtype == torch.uint8 and base <= lo and hi <= base + buf.numel():
+            return buf[lo - base : hi - base], [s.data_ptr() - lo for s in staged]
+    offsets, cursor = [], 0
+    for s in staged:
+        offsets.append(cursor)
+        cursor = (cursor + _nbytes(s) + _ALIGN - 1) // _ALIGN * _ALIGN
+    packed = torch.empty(max(cursor, 1), dtype=torch.uint8)
+    torch._foreach_copy_(
+        [packed[o : o + _nbytes(s)] for s, o in zip(staged, offsets)], [_as_bytes(s) for s in staged]
+    )
+    return packed, offsets
+
+
+def _restore_packed(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    host_buffers: Sequence[torch.Tensor] = (),
+) -> tuple[int, int]:
+    """Copy host ``staged`` tensors into live tensors on ``device``: one transfer, one unpack launch.
+
+    Returns ``(regions unpacked, tensors copied one by one)``. The copies are queued on the current
+    stream of ``device``; the caller synchronizes.
+    """
+    from stager.kernels import table_from_triples, unpack_scatter
+
+    fast, slow = _split_packable(pairs)
+    if fast:
+        staged = [s for s, _ in fast]
+        src, offsets = _host_source(staged, host_buffers)
+        buf = torch.empty(src.numel(), dtype=torch.uint8, device=device)
+        buf.copy_(src, non_blocking=src.is_pinned() if device.type == "cuda" else False)
+        table = table_from_triples((t.data_ptr(), o, _nbytes(t)) for (_, t), o in zip(fast, offsets))
+        unpack_scatter(table, buf)
+    with torch.no_grad():
+        for s, t in slow:
+            t.copy_(s, non_blocking=device.type == "cuda")
+    return len(fast), len(slow)
+
+
+def restore_state(
+    staged: Any,
+    into: Any,
+    *,
+    nvtx_enabled: bool = False,
+    host_buffers: Sequence[torch.Tensor] = (),
+) -> StageStats:
+    """Copy every tensor of ``staged`` into the matching tensor of ``into``, in place.
+
+    Args:
+        staged: a staged copy (``GraphStager.stage()``'s result) or any state dict of CPU tensors.
+        into: the live state dict of the same structure; its tensors are overwritten in place
+            (parameters included; autograd is not involved).
+        nvtx_enabled: mark the restore as the NVTX range ``stager/restore``.
+        host_buffers: host ``uint8`` buffers that may contain the staged bytes (the stager's
+            arenas); one that holds them all is sent to the device without a host copy.
+
+    Returns:
+        A :class:`StageStats` (``executor`` ``restore-cpu`` or ``restore-unpack``).
+
+    Raises:
+        RestoreMismatchError: (a ``ValueError``) the structures, shapes or dtypes differ; raised
+            before anything is copied, naming the key path.
+    """
+    t0 = time.perf_counter()
+    stats = StageStats(notes=["restore"])
+    with nvtx.range("stager/restore", nvtx_enabled):
+        matched = match_tensors(staged, into)
+        cpu_src: list[torch.Tensor] = []
+        cpu_dst: list[torch.Tensor] = []
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for s, t, _ in matched:
+            if t.device.type == "cpu":
+                cpu_src.append(s)
+                cpu_dst.append(t)
+            else:
+                by_device.setdefault(t.device, []).append((s, t))
+        stats.plan_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if cpu_dst:
+            with torch.no_grad():
+                torch._foreach_copy_(cpu_dst, cpu_src)
+        regions, single = len(cpu_dst), 0
+        for device, pairs in by_device.items():
+            if device.type != "cuda":
+                with torch.no_grad():
+                    for s, t in pairs:
+                        t.copy_(s)
+                single += len(pairs)
+                continue
+            with torch.cuda.device(device):
+                n_fast, n_slow = _restore_packed(pairs, device, host_buffers)
+                torch.cuda.current_stream(device).synchronize()
+            regions += n_fast
+            single += n_slow
+        stats.copy_s = time.perf_counter() - t1
+    stats.tensors = len(matched)
+    stats.regions = regions + single
+    stats.nbytes = sum(_nbytes(t) for _, t, _ in matched)
+    stats.device_path = "unpack" if by_device else "cpu"
+    stats.executor = "restore-unpack" if by_device else "restore-cpu"
+    if single:
+        stats.notes.append(f"{single} tensors copied one by one (not contiguous or overlapping)")
+    stats.blocked_s = stats.complete_s = time.perf_counter() - t0
+    if stats.copy_s > 0:
+        stats.gbps = stats.nbytes / stats.copy_s / 1e9
+    return stats

@@ -1,0 +1,571 @@
+"""``wrap(model, optimizer)``: asynchronous checkpoints and in-memory rollback inside a training loop.
+
+::
+
+    handle = stager.wrap(model, optimizer)
+    for step, batch in enumerate(loader):
+        loss = model(batch).loss
+        loss.backward()
+        optimizer.step()            # waits (on the device) for a checkpoint still being staged
+        optimizer.zero_grad()
+        if step % 500 == 0:
+            handle.checkpoint(f"ckpt/{step}")   # stages, hands the copy to dcp.async_save, returns
+    handle.close()                  # waits for the writes; raises if one failed
+
+Saved layout: ``{"model": model.state_dict(), "optim": optimizer.state_dict()}``, the same keys
+and structure, so a checkpoint loads with ``dcp.load`` into a fresh model's and optimizer's state
+dicts (:func:`load_checkpoint` does that, creating the optimizer's lazy state first).
+
+How a checkpoint runs:
+
+* The state dict handed to the stager is built once from the live objects (the model's parameters
+  and buffers with ``keep_vars=True``, the optimizer's own per-parameter state dicts) and handed
+  over again on every checkpoint: no ``state_dict()`` round trip, so the stager's plan (and, on a
+  GPU, its captured graph) is replayed. It is rebuilt only when the optimizer's state changes (it
+  is created lazily by the first ``step()``; ``load_state_dict`` replaces it) or a parameter or
+  buffer object is replaced; hyperparameters (``lr``...) are refreshed on every checkpoint.
+* CPU: the stage is synchronous (the copy is complete when ``checkpoint()`` returns); the write
+  runs in DCP's background thread.
+* GPU: when the stager can leave its device copies in flight (``GraphStager.stage_nowait``), the
+  copy runs on the stager's side stream while the next forward and backward run. An optimizer
+  step pre-hook makes the compute stream wait for it on the device (``wait_event``; the CPU does
+  not wait), as do forward pre-hooks on modules whose persistent buffers a forward may update.
+  The writer thread waits for the copy before writing. Code that writes the parameters outside
+  ``optimizer.step()`` should call :meth:`WrapHandle.fence` first.
+* A checkpoint while an earlier one is still being written follows the stager's lease policy
+  (``STAGER_LEASE_POLICY``): take another host arena, or wait for the held one.
+* A write that fails in the background raises :class:`CheckpointWriteError` from the next
+  ``checkpoint()`` or from ``wait()``/``close()``; never silently.
+
+``handle.restore()`` copies the last staged copy back into the live tensors (see
+:mod:`stager.restore`), so a run can roll back without reading storage.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import operator
+import os
+import threading
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Callable
+
+import torch
+
+from stager import nvtx
+from stager.config import StagerConfig
+from stager.errors import StagerClosedError, StagerError
+from stager.stager import GraphStager
+from stager.stats import StageStats
+
+__all__ = ["CheckpointWriteError", "CheckpointRecord", "WrapHandle", "wrap", "checkpoint_layout", "load_checkpoint"]
+
+log = logging.getLogger("stager")
+
+
+class CheckpointWriteError(StagerError, RuntimeError):
+    """A checkpoint write (or its staging) failed in the background; raised on the next call."""
+
+
+@dataclass
+class CheckpointRecord:
+    """One ``checkpoint()`` call, in ``WrapHandle.records``."""
+
+    path: str
+    blocked_s: float = 0.0
+    """How long ``checkpoint()`` kept the training loop waiting."""
+    stats: StageStats | None = None
+    """The stager's statistics for this stage."""
+    write_s: float | None = None
+    """From ``checkpoint()`` returning to the write finishing (``None`` while in flight)."""
+    error: BaseException | None = field(default=None, repr=False)
+
+
+def checkpoint_layout(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """The state dict a checkpoint is saved from and loads into: ``{"model": ..., "optim": ...}``."""
+    state: dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    return state
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create an optimizer's lazily created state with one zero-gradient, zero-lr step.
+
+    A fresh optimizer has no state, so ``dcp.load`` into its ``state_dict()`` would find nothing
+    to fill. Parameters are left unchanged (zero lr; decoupled weight decay scales by ``1 - lr*wd``).
+    """
+    if optimizer.state:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(p.grad is not None for p in params):
+        return
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    saved = []
+    for g in optimizer.param_groups:
+        lr = g.get("lr")
+        saved.append(lr)
+        if lr is not None:
+            g["lr"] = torch.zeros_like(lr) if isinstance(lr, torch.Tensor) else 0.0
+    try:
+        optimizer.step()
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved):
+            if lr is not None:
+                g["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    no_dist: bool = True,
+) -> None:
+    """Load a checkpoint written by :meth:`WrapHandle.checkpoint` into ``model`` (and ``optimizer``).
+
+    ``dcp.load`` into ``{"model": model.state_dict(), "optim": optimizer.state_dict()}`` (after
+    creating the optimizer's lazy state), then ``load_state_dict`` on both.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if optimizer is not None:
+        _init_optimizer_state(optimizer)
+    state = checkpoint_layout(model, optimizer)
+    dcp.load(state, checkpoint_id=os.fspath(path), no_dist=no_dist)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+
+
+# ------------------------------------------------------------------------------------ live state
+
+
+class _LiveState:
+    """The nested dict of live tensors handed to the stager: built once, rebuilt when stale."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.state: dict[str, Any] | None = None
+        self.rebuilds = 0
+        """How many times the dict was (re)built."""
+        self._slots: list[tuple[dict, dict]] = []
+        self._values: list[Any] = []
+        self._opt_state: Any = None
+        self._opt_len = -1
+        self._groups: list[dict[str, Any]] = []
+
+    def _slot_values(self) -> list[Any]:
+        return list(chain.from_iterable(chain(p.values(), b.values()) for p, b in self._slots))
+
+    def stale(self) -> bool:
+        if self.state is None:
+            return True
+        opt = self.optimizer
+        if opt is not None and (
+            opt.state is not self._opt_state
+            or len(opt.state) != self._opt_len
+            or len(opt.param_groups) != len(self._groups)
+        ):
+            return True
+        values = self._slot_values()
+        return len(values) != len(self._values) or not all(map(operator.is_, values, self._values))
+
+    def build(self) -> None:
+        model, opt = self.model, self.optimizer
+        state: dict[str, Any] = {"model": model.state_dict(keep_vars=True)}
+        if opt is not None:
+            # The "state" values are the optimizer's own per-parameter dicts: live tensors.
+            osd = opt.state_dict()
+            state["optim"] = osd
+            self._groups = osd["param_groups"]
+            self._opt_state = opt.state
+            self._opt_len = len(opt.state)
+        self._slots = [(m._parameters, m._buffers) for m in model.modules()]
+        self._values = self._slot_values()
+        self.state = state
+        self.rebuilds += 1
+
+    def current(self) -> dict[str, Any]:
+        """The dict to stage now, with the optimizer's hyperparameters refreshed."""
+        if self.stale():
+            self.build()
+        elif self.optimizer is not None:
+            for packed, group in zip(self._groups, self.optimizer.param_groups):
+                for k, v in group.items():
+                    if k != "params":
+                        packed[k] = v
+        state: dict[str, Any] = self.state  # type: ignore[assignment]  # built above
+        return state
+
+    def restore_groups(self, staged: dict[str, Any]) -> None:
+        """Set the optimizer's non-tensor hyperparameters to the staged values."""
+        if self.optimizer is None or "optim" not in staged:
+            return
+        for packed, group in zip(staged["optim"].get("param_groups", ()), self.optimizer.param_groups):
+            for k, v in packed.items():
+                if k != "params" and not isinstance(group.get(k), torch.Tensor):
+                    group[k] = copy.deepcopy(v)
+
+
+# ------------------------------------------------------------------------------------ plumbing
+
+
+def _events_of(pending: Any) -> tuple[Any, ...]:
+    """The CUDA events that mark the end of a stage's device copies (``PendingCopy.events``)."""
+    return () if pending is None else tuple(pending.events)
+
+
+def _wait_host(pending: Any) -> None:
+    """Block the calling thread until ``pending``'s device copies completed."""
+    if pending is not None:
+        pending.wait()
+
+
+class _Handoff:
+    """An ``AsyncStager`` for ``dcp.async_save`` that hands over an already staged dict.
+
+    ``value`` is the staged dict, or a ``Future`` of it that completes once its device copies
+    have (the writer thread waits on it before writing).
+    """
+
+    should_synchronize_after_execute = False
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def stage(self, state_dict: Any) -> Any:
+        value, self._value = self._value, None
+        return value
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _writer(path: str, nvtx_enabled: bool) -> Any:
+    """DCP's ``FileSystemWriter`` for ``path``, its write marked as the NVTX range ``stager/write``."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class _Writer(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            with nvtx.range("stager/write", nvtx_enabled):
+                return super().write_data(plan, planner)
+
+    return _Writer(path)
+
+
+def _buffer_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules with persistent buffers of their own (a forward may update them in place)."""
+    owners = []
+    for m in model.modules():
+        persistent = [n for n, b in m._buffers.items() if b is not None and n not in m._non_persistent_buffers_set]
+        if persistent:
+            owners.append(m)
+    return owners
+
+
+def _cuda_devices(state: Any) -> list[torch.device]:
+    found: set[torch.device] = set()
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == "cuda":
+                found.add(obj.device)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(state)
+    return sorted(found, key=str)
+
+
+# ------------------------------------------------------------------------------------ the handle
+
+
+class WrapHandle:
+    """Checkpoints and rollback for one model and optimizer; create it with :func:`wrap`.
+
+    Attributes:
+        records: one :class:`CheckpointRecord` per ``checkpoint()`` call.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        stager: GraphStager | None = None,
+        config: StagerConfig | None = None,
+        no_dist: bool | None = None,
+        **overrides: Any,
+    ) -> None:
+        if stager is not None and (config is not None or overrides):
+            raise ValueError("pass either stager= or config/overrides to wrap(), not both")
+        self._own_stager = stager is None
+        if stager is None:
+            if config is None:
+                config = StagerConfig.resolve(**overrides)
+            elif overrides:
+                config = config.replace(**overrides)
+            if config.async_staging:
+                # wrap overlaps on the device (side stream) instead: stage() must return the copy.
+                config = config.replace(async_staging=False)
+            stager = GraphStager(config)
+        self.stager = stager
+        self.model = model
+        self.optimizer = optimizer
+        self._nvtx = bool(stager.config.nvtx)
+        if no_dist is None:
+            no_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self._no_dist = no_dist
+        self._live = _LiveState(model, optimizer)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._inflight: list[Future] = []
+        self._errors: list[tuple[str, BaseException]] = []
+        self._pending: Any = None
+        self._events: tuple[Any, ...] = ()
+        self._last_staged: Any = None
+        self._stats: StageStats | None = None
+        self._waiter: ThreadPoolExecutor | None = None
+        self.records: list[CheckpointRecord] = []
+        self._devices = _cuda_devices(self._live.current())
+        self._hooks: list[Any] = []
+        if optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(self._device_fence_hook))
+        if self._devices:
+            for m in _buffer_owners(model):
+                self._hooks.append(m.register_forward_pre_hook(self._device_fence_hook))
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def stats(self) -> StageStats | None:
+        """The :class:`StageStats` of the most recent ``checkpoint()`` or ``restore()``."""
+        return self._stats
+
+    @property
+    def live_rebuilds(self) -> int:
+        """How many times the live state dict was built (first checkpoint and each change)."""
+        return self._live.rebuilds
+
+    def checkpoint(self, path: str | os.PathLike[str]) -> Future:
+        """Stage the live state and hand the copy to ``dcp.async_save`` for writing to ``path``.
+
+        Returns at once with the write's ``Future`` (of DCP's metadata); the copy is complete on
+        return on the CPU, and in flight on the stager's side stream on a GPU.
+
+        Raises:
+            CheckpointWriteError: an earlier checkpoint failed in the background.
+            StagingInputError, StagingMemoryError, LeaseTimeoutError: from the stager.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        self._check_open()
+        self._raise_background()
+        t0 = time.perf_counter()
+        path = os.fspath(path)
+        state = self._live.current()
+        # The previous staged copy is released here, so the lease policy sees only the writer's hold.
+        self._last_staged = None
+        staged, pending = self._stage(state)
+        events = _events_of(pending)
+        if events:
+            # Later copies queue behind earlier ones on the side stream: the newest covers all.
+            self._pending = pending
+            self._events = events
+            handoff: Any = self._waiter_pool().submit(_wait_then_return, pending, staged)
+        else:
+            handoff = staged
+        record = CheckpointRecord(path=path, stats=self.stager.last_stats)
+        response = dcp.async_save(
+            staged,
+            storage_writer=_writer(path, self._nvtx),
+            async_stager=_Handoff(handoff),
+            no_dist=self._no_dist,
+        )
+        upload: Future = getattr(response, "upload_completion", response)
+        del handoff, response
+        self._last_staged = staged
+        self._stats = record.stats
+        submitted = time.perf_counter()
+        record.blocked_s = submitted - t0
+        self.records.append(record)
+        with self._lock:
+            self._inflight.append(upload)
+        upload.add_done_callback(lambda f: self._write_done(f, record, submitted))
+        return upload
+
+    def restore(self) -> StageStats:
+        """Copy the last staged copy back into the live parameters, buffers and optimizer state.
+
+        In place and bit-exact (see :mod:`stager.restore`); the optimizer's hyperparameters are
+        set back too. Waits for the copy if it is still being staged.
+
+        Raises:
+            RuntimeError: nothing has been staged yet.
+            RestoreMismatchError: the model or optimizer state no longer has the staged structure.
+        """
+        self._check_open()
+        if self._last_staged is None:
+            raise RuntimeError("restore(): no checkpoint has been staged yet; call checkpoint() first")
+        self._wait_staging()
+        state = self._live.current()
+        stats = self.stager.restore(self._last_staged, state)
+        self._live.restore_groups(self._last_staged)
+        self._stats = stats
+        return stats
+
+    def fence(self) -> None:
+        """Make the current CUDA stream wait (on the device) for a checkpoint still being staged.
+
+        The optimizer step and forwards that update buffers do this on their own; call it before
+        writing the parameters any other way. A no-op on the CPU.
+        """
+        events, self._events = self._events, ()
+        for device in self._devices:
+            stream = torch.cuda.current_stream(device)
+            for e in events:
+                stream.wait_event(e)
+
+    def wait(self) -> None:
+        """Wait for every staging and write in flight; raise the first background error."""
+        self._wait_staging()
+        with self._lock:
+            inflight = list(self._inflight)
+        wait_futures(inflight)
+        self._raise_background()
+
+    def close(self) -> None:
+        """Wait for everything in flight, remove the hooks and close the stager (when owned).
+
+        Raises :class:`CheckpointWriteError` if a write failed (after cleaning up).
+        """
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            self._last_staged = None
+            if self._waiter is not None:
+                self._waiter.shutdown(wait=True)
+                self._waiter = None
+            if self._own_stager:
+                self.stager.close()
+
+    def __enter__(self) -> "WrapHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = ", ".join(map(str, self._devices)) or "cpu"
+        return f"WrapHandle({type(self.model).__name__} on {where}, checkpoints={len(self.records)}, closed={self._closed})"
+
+    # ---------------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StagerClosedError("this WrapHandle was closed; call stager.wrap() again")
+
+    def _stage(self, state: dict[str, Any]) -> tuple[Any, Any]:
+        """Stage ``state``; return the staged dict and the device copies still in flight (or None)."""
+        nowait: Callable[[Any], tuple[Any, Any]] | None = getattr(self.stager, "stage_nowait", None)
+        if self._devices and callable(nowait):
+            return nowait(state)
+        staged = self.stager.stage(state)
+        if isinstance(staged, Future):  # a user-supplied stager with async staging
+            staged = staged.result()
+        return staged, None
+
+    def _waiter_pool(self) -> ThreadPoolExecutor:
+        if self._waiter is None:
+            self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-wrap")
+        return self._waiter
+
+    def _wait_staging(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            _wait_host(pending)
+            self._events = ()
+
+    def _device_fence_hook(self, *args: Any, **kwargs: Any) -> None:
+        if self._events:
+            self.fence()
+
+    def _write_done(self, fut: Future, record: CheckpointRecord, submitted: float) -> None:
+        record.write_s = time.perf_counter() - submitted
+        exc = CancelledError("the write was cancelled") if fut.cancelled() else fut.exception()
+        with self._lock:
+            if fut in self._inflight:
+                self._inflight.remove(fut)
+            if exc is not None:
+                record.error = exc
+                self._errors.append((record.path, exc))
+        if exc is not None:
+            log.error("stager: writing checkpoint %s failed: %s: %s", record.path, type(exc).__name__, exc)
+
+    def _raise_background(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if not errors:
+            return
+        path, exc = errors[0]
+        more = f" (and {len(errors) - 1} more failed checkpoint(s))" if len(errors) > 1 else ""
+        raise CheckpointWriteError(
+            f"writing checkpoint {path!r} failed in the background: {type(exc).__name__}: {exc}{more}; "
+            "check that the path is writable and has space, then checkpoint again"
+        ) from exc
+
+
+def _wait_then_return(pending: Any, staged: Any) -> Any:
+    _wait_host(pending)
+    return staged
+
+
+def wrap(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    stager: GraphStager | None = None,
+    config: StagerConfig | None = None,
+    no_dist: bool | None = None,
+    **overrides: Any,
+) -> WrapHandle:
+    """Asynchronous checkpoints and in-memory rollback for ``model`` and ``optimizer``.
+
+    Args:
+        model: the module whose parameters and buffers are checkpointed (``model.state_dict()``).
+        optimizer: its optimizer (``optimizer.state_dict()``); a step pre-hook is registered on it.
+        stager: a :class:`GraphStager` to use (not closed by the handle); by default one is made
+            from ``config`` and ``overrides`` and closed with the handle.
+        config: a :class:`StagerConfig`; by default resolved from the profile and ``STAGER_*``.
+        no_dist: passed to ``dcp.async_save``; by default true unless ``torch.distributed`` is
+            initialized.
+        **overrides: ``StagerConfig`` fields (``lease_policy="wait"``, ``nvtx=True``, ...).
+
+    Returns:
+        A :class:`WrapHandle`: ``checkpoint(path)``, ``restore()``, ``wait()``, ``close()``,
+        ``stats`` and ``records``.
+    """
+    return WrapHandle(model, optimizer, stager=stager, config=config, no_dist=no_dist, **overrides)
