@@ -4,6 +4,20 @@ An arena is an exact-size anonymous mapping (or a ``/dev/shm`` file for shared m
 parallel and, when pinning, registered with CUDA once (``cudaHostRegister``), never through
 PyTorch's caching host allocator, which rounds a block up to a power of two.
 
+Shared memory and process-based writers. ``dcp.async_save(...,
+async_checkpointer_type=AsyncCheckpointerType.PROCESS)`` sends the staged dict to a spawned writer
+process through ``multiprocessing`` pickling, where torch's reduction of a CPU storage calls
+``_share_fd_cpu_()``: a storage torch did not allocate in shared memory (ours, made by
+``torch.frombuffer``) is *copied* into a new shared segment, one file descriptor per storage, and
+the staged tensor is silently moved there. A shared arena is instead one ``/dev/shm`` file (one
+segment per arena, however many regions it holds), and :func:`install_shared_reduction` chains a
+reducer in front of torch's for ``UntypedStorage``: a storage that lies inside a live shared arena
+is sent as ``(path, inode, offset, nbytes)`` and mapped by the receiving process (copy-on-write, so
+the writer can never scribble on the trainer's copy); every other storage goes to torch's reducer
+unchanged. Each staged storage keeps exactly its region's bytes, so DCP's writer does not clone it
+either. :data:`SHARE_COUNTS` counts what was sent by reference and what was handed to torch, which
+is how the tests prove that no byte is copied on the way to the writer.
+
 A :class:`StagedSet` is the set of staged tensors of one plan over one arena. Each region gets its
 own storage of exactly its bytes (``torch.frombuffer`` over the arena), each leaf a tensor over that
 storage. The set is created once and handed out again on later stages, as long as it is not
@@ -23,22 +37,36 @@ import tempfile
 import threading
 import time
 import weakref
+from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-from stager.errors import StagingMemoryError
+from stager.errors import StagerError, StagingMemoryError
 
 if TYPE_CHECKING:
     from stager.plan import Leaf, Plan
 
-__all__ = ["HostArena", "StagedSet"]
+__all__ = [
+    "HostArena",
+    "StagedSet",
+    "Segment",
+    "find_segment",
+    "install_shared_reduction",
+    "ShareCounts",
+    "SHARE_COUNTS",
+    "mapped_segments",
+    "SHM_DIR",
+]
 
 _PAGE = mmap.PAGESIZE
 _TOUCH_CHUNK = 64 << 20
 _storage_use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+SHM_DIR = "/dev/shm"
+"""Where shared arenas are created (a tmpfs; often only 64 MB inside a container)."""
 
 
 def _touch(view: np.ndarray) -> None:
@@ -54,6 +82,7 @@ def _cuda_register(ptr: int, nbytes: int) -> None:
 
 
 def _release(mm: mmap.mmap, ptr: int, nbytes: int, pinned: bool, path: str | None) -> None:
+    _unregister(ptr)
     if pinned:
         try:
             torch.cuda.cudart().cudaHostUnregister(ptr)
@@ -76,7 +105,9 @@ class HostArena:
     The memory lives until the arena object and every storage created over it are gone.
     """
 
-    def __init__(self, nbytes: int, *, pinned: bool = False, shared: bool = False) -> None:
+    def __init__(
+        self, nbytes: int, *, pinned: bool = False, shared: bool = False, shm_dir: str | None = None
+    ) -> None:
         if nbytes < 1:
             raise ValueError(f"arena size must be positive, got {nbytes}")
         t0 = time.perf_counter()
@@ -85,20 +116,14 @@ class HostArena:
         self.shared = shared
         self.mapped_bytes = (nbytes + _PAGE - 1) // _PAGE * _PAGE
         self.path: str | None = None
+        ident: tuple[int, int] | None = None
         try:
             if shared:
-                fd, self.path = tempfile.mkstemp(prefix="stager-arena-", dir="/dev/shm")
-                try:
-                    os.ftruncate(fd, self.mapped_bytes)
-                    mm = mmap.mmap(fd, self.mapped_bytes, flags=mmap.MAP_SHARED)
-                finally:
-                    os.close(fd)
+                mm, self.path, ident = _map_shared(self.mapped_bytes, shm_dir or SHM_DIR)
             else:
                 mm = mmap.mmap(-1, self.mapped_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError as exc:
-            if self.path is not None:
-                os.unlink(self.path)
-            where = "/dev/shm" if shared else "anonymous memory"
+            where = f"shared memory ({shm_dir or SHM_DIR})" if shared else "anonymous memory"
             raise StagingMemoryError(
                 f"could not map a {nbytes}-byte host arena in {where}: {exc}; "
                 "lower STAGER_MAX_ARENAS, set STAGER_CACHE_POLICY=fresh, or free host memory"
@@ -113,6 +138,9 @@ class HostArena:
             _cuda_register(self.ptr, self.mapped_bytes)
             self.pin_s = time.perf_counter() - t1
         self.tensor = torch.from_numpy(self.array)
+        _register(Segment(self.ptr, nbytes, self.path, ident, weakref.ref(self.array)))
+        if shared:
+            install_shared_reduction()
         weakref.finalize(self.array, _release, mm, self.ptr, self.mapped_bytes, pinned, self.path)
 
     def _populate(self) -> None:
@@ -127,6 +155,218 @@ class HostArena:
 
     def __repr__(self) -> str:
         return f"HostArena(nbytes={self.nbytes}, pinned={self.pinned}, shared={self.shared})"
+
+
+def _map_shared(nbytes: int, shm_dir: str) -> tuple[mmap.mmap, str, tuple[int, int]]:
+    """Create, reserve and map one ``nbytes`` file in ``shm_dir``; raises ``StagingMemoryError``.
+
+    The free space is checked first (``statvfs``) for a clear message, then the blocks are
+    reserved with ``posix_fallocate``: touching an unreserved page of a full tmpfs kills the
+    process with ``SIGBUS`` instead of raising.
+    """
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError as exc:
+        raise StagingMemoryError(
+            f"shared memory directory {shm_dir} is not usable ({exc}); "
+            "set STAGER_SHARED_MEMORY=0 or mount a tmpfs there"
+        ) from None
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise StagingMemoryError(
+            f"shared-memory arena of {nbytes} bytes ({nbytes / 2**20:.1f} MiB) does not fit in {shm_dir}: "
+            f"{free} bytes ({free / 2**20:.1f} MiB) free of {st.f_blocks * st.f_frsize} (statvfs); "
+            "containers often mount a 64 MB /dev/shm: enlarge it (docker --shm-size, a Kubernetes "
+            "emptyDir with medium: Memory) or set STAGER_SHARED_MEMORY=0 and use a thread-based writer"
+        )
+    fd, path = tempfile.mkstemp(prefix=f"stager-arena-{os.getpid()}-", dir=shm_dir)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as exc:
+            raise StagingMemoryError(
+                f"could not reserve {nbytes} bytes in {shm_dir} ({exc}); it holds {free} free bytes "
+                "by statvfs but another process may have taken them: enlarge it or set "
+                "STAGER_SHARED_MEMORY=0"
+            ) from None
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+        info = os.fstat(fd)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return mm, path, (info.st_dev, info.st_ino)
+
+
+# --------------------------------------------------------------------------------------------
+# Arena registry: which live arena holds an address
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One live host arena, as the registry knows it."""
+
+    base: int
+    """Address of its first byte."""
+    nbytes: int
+    path: str | None
+    """Its ``/dev/shm`` file when shared, else ``None``."""
+    ident: tuple[int, int] | None
+    """``(st_dev, st_ino)`` of the file: a reused path is never mistaken for this segment."""
+    array: "weakref.ref[np.ndarray]"
+    """The arena's uint8 array; storages over it keep it alive."""
+
+    def tensor(self) -> torch.Tensor | None:
+        """A uint8 tensor over the whole arena, or ``None`` if it is gone."""
+        arr = self.array()
+        return None if arr is None else torch.from_numpy(arr)
+
+
+_registry_lock = threading.Lock()
+_bases: list[int] = []
+_segments: dict[int, Segment] = {}
+
+
+def _register(seg: Segment) -> None:
+    with _registry_lock:
+        i = bisect_right(_bases, seg.base)
+        _bases.insert(i, seg.base)
+        _segments[seg.base] = seg
+
+
+def _unregister(base: int) -> None:
+    with _registry_lock:
+        if _segments.pop(base, None) is not None:
+            _bases.remove(base)
+
+
+def find_segment(ptr: int, nbytes: int) -> Segment | None:
+    """The live arena that holds ``[ptr, ptr + nbytes)`` entirely, or ``None``."""
+    with _registry_lock:
+        i = bisect_right(_bases, ptr) - 1
+        if i < 0:
+            return None
+        seg = _segments[_bases[i]]
+    return seg if ptr + nbytes <= seg.base + seg.nbytes else None
+
+
+# --------------------------------------------------------------------------------------------
+# Sending staged storages to another process by reference
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShareCounts:
+    """What the multiprocessing reducer did with CPU storages in this process (cumulative)."""
+
+    by_reference: int = 0
+    """Storages inside a shared arena, sent as (segment, offset, nbytes): no byte copied."""
+    bytes_by_reference: int = 0
+    delegated: int = 0
+    """Storages handed to torch's reducer (which copies any storage it did not allocate shared)."""
+    bytes_delegated: int = 0
+    mapped: int = 0
+    """Storages rebuilt here over a mapped segment (counted in the receiving process)."""
+    bytes_mapped: int = 0
+
+    def reset(self) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+
+
+SHARE_COUNTS = ShareCounts()
+"""Cumulative counts for this process; see :class:`ShareCounts`."""
+
+_previous_reducer: Callable[[Any], Any] | None = None
+_install_lock = threading.Lock()
+
+
+def _reduce_storage(storage: torch.UntypedStorage) -> Any:
+    if storage.device.type == "cpu":
+        nbytes = storage.nbytes()
+        ptr = storage.data_ptr()
+        seg = find_segment(ptr, nbytes) if nbytes else None
+        if seg is not None and seg.path is not None:
+            SHARE_COUNTS.by_reference += 1
+            SHARE_COUNTS.bytes_by_reference += nbytes
+            return (_rebuild_storage, (seg.path, seg.ident, seg.nbytes, ptr - seg.base, nbytes))
+        SHARE_COUNTS.delegated += 1
+        SHARE_COUNTS.bytes_delegated += nbytes
+    previous = _previous_reducer
+    if previous is None:  # pragma: no cover - installed before this reducer can run
+        from torch.multiprocessing.reductions import reduce_storage as previous
+    return previous(storage)
+
+
+_reduce_storage._stager = True  # type: ignore[attr-defined]
+
+
+def install_shared_reduction() -> None:
+    """Send storages inside shared arenas to other processes by reference (idempotent).
+
+    Chains a reducer for ``torch.UntypedStorage`` in front of the one ``torch.multiprocessing``
+    registered with ``multiprocessing``'s ``ForkingPickler``. Only storages that lie inside a live
+    shared :class:`HostArena` are affected; every other storage is reduced by torch as before.
+    Called when the first shared arena is created.
+    """
+    global _previous_reducer
+    import torch.multiprocessing  # noqa: F401  (registers torch's reducers first)
+    from multiprocessing.reduction import ForkingPickler
+
+    with _install_lock:
+        current = ForkingPickler._extra_reducers.get(torch.UntypedStorage)
+        if getattr(current, "_stager", False):
+            return
+        if current is None:
+            from torch.multiprocessing.reductions import reduce_storage as current
+        _previous_reducer = current
+        ForkingPickler.register(torch.UntypedStorage, _reduce_storage)
+
+
+_child_lock = threading.Lock()
+_child_maps: "weakref.WeakValueDictionary[tuple, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def _rebuild_storage(
+    path: str, ident: tuple[int, int] | None, size: int, offset: int, nbytes: int
+) -> torch.UntypedStorage:
+    """Map (once per process) the shared arena at ``path`` and return a storage over a slice."""
+    key = (path, ident)
+    with _child_lock:
+        arr = _child_maps.get(key)
+        if arr is None:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise StagerError(
+                    f"shared arena segment {path} is gone ({exc}): the staging process released the "
+                    "staged dict before this process read it; keep the staged dict alive until the "
+                    "write completes"
+                ) from None
+            try:
+                info = os.fstat(fd)
+                if (info.st_dev, info.st_ino) != tuple(ident or ()) or info.st_size < size:
+                    raise StagerError(
+                        f"shared arena segment {path} was replaced after the staged dict was sent; "
+                        "keep the staged dict alive until the write completes"
+                    )
+                # Copy-on-write: reads share the trainer's pages, a write stays in this process.
+                mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
+            arr = np.frombuffer(mm, dtype=np.uint8, count=size)
+            _child_maps[key] = arr
+    SHARE_COUNTS.mapped += 1
+    SHARE_COUNTS.bytes_mapped += nbytes
+    return torch.frombuffer(arr, dtype=torch.uint8, count=nbytes, offset=offset).untyped_storage()
+
+
+def mapped_segments() -> list[tuple[int, int]]:
+    """``(address, nbytes)`` of every shared arena this process has mapped from another one."""
+    with _child_lock:
+        return [(int(a.ctypes.data), a.nbytes) for a in _child_maps.values()]
 
 
 def _make_leaf(leaf: "Leaf", storages: list[torch.UntypedStorage]) -> torch.Tensor:

@@ -16,6 +16,12 @@ clone a staged tensor that had a storage of its own.
 Unlike PyTorch's ``StateDictStager``, which copies whole storages, only the referenced span of a
 storage is staged: a small view into a large buffer costs its own bytes, not the buffer's.
 
+DTensors. A ``DTensor`` (from ``fully_shard`` or ``distribute_tensor``) is one leaf whose tensor is
+its local shard: the token carries the DTensor's spec (mesh, placements, global shape and stride),
+the signature covers the local tensor, and :func:`rebuild` wraps the staged local tensor in a
+DTensor with the same spec. ``torch.distributed.tensor`` is never imported here: a DTensor can
+only exist once its module is loaded, so the class is looked up in ``sys.modules``.
+
 Sources. The plan keeps a uint8 view of every source region, which keeps the source storages
 alive. That is what makes the signature sound: while the plan holds a storage, no other storage can
 take its address, so an equal ``data_ptr`` means the same memory. The views are dropped when the
@@ -30,6 +36,7 @@ from collections import deque
 from itertools import islice
 from operator import attrgetter
 import pickle
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -52,7 +59,13 @@ _DTYPE = attrgetter("dtype")
 _PLAIN_TENSOR_TYPES: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
 
 # Structure tokens, in pre-order. Each is a tuple whose first item is one of:
-_DICT, _FLATDICT, _LIST, _TUPLE, _NAMEDTUPLE, _TENSOR, _SUBTENSOR, _ATOM, _OBJECT = range(9)
+_DICT, _FLATDICT, _LIST, _TUPLE, _NAMEDTUPLE, _TENSOR, _SUBTENSOR, _ATOM, _OBJECT, _DTENSOR = range(10)
+
+
+def _dtensor_class() -> type | None:
+    """``DTensor`` if ``torch.distributed.tensor`` is loaded (no DTensor can exist otherwise)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 @dataclass(frozen=True)
@@ -184,8 +197,23 @@ def walk(
         for name, v in zip(cls._fields, obj):
             walk(v, tokens, tensors, others, paths, f"{path}.{name}" if paths is not None else "")
     elif isinstance(obj, torch.Tensor):
-        tokens.append((_SUBTENSOR, cls))
-        tensors.append(obj)
+        dtensor = _dtensor_class()
+        if dtensor is not None and isinstance(obj, dtensor):
+            # The local shard is the leaf; the spec (mesh, placements, global shape/stride) is
+            # structure, compared on every stage like the keys.
+            local = obj._local_tensor
+            if type(local) not in _PLAIN_TENSOR_TYPES:
+                raise StagingInputError(
+                    path or "<root>",
+                    f"DTensor whose local tensor is a {type(local).__qualname__} is not supported "
+                    f"(placements={obj._spec.placements}, local shape={tuple(local.shape)})",
+                    "stage DTensors over plain local tensors",
+                )
+            tokens.append((_DTENSOR, cls, obj._spec))
+            tensors.append(local)
+        else:
+            tokens.append((_SUBTENSOR, cls))
+            tensors.append(obj)
         if paths is not None:
             paths.append(path)
     elif cls in ATOMIC_TYPES:
@@ -269,6 +297,8 @@ def _build(
         for name, value in getattr(src, "__dict__", {}).items():
             setattr(out, name, copy.deepcopy(value, memo))
         return out
+    if kind == _DTENSOR:
+        return _make_dtensor(tok[1], staged[next(ten_it)], tok[2])
     if kind == _ATOM:
         return next(oth_it)
     if kind == _OBJECT:
@@ -280,6 +310,22 @@ def _build(
             local[id(sources[i])] = staged[i]
         return copy.deepcopy(obj, local)
     raise AssertionError(f"unknown structure token {tok!r}")  # pragma: no cover
+
+
+def _make_dtensor(cls: type, local: torch.Tensor, spec: Any) -> Any:
+    """A DTensor with ``spec`` (the source's mesh, placements, global shape and stride) around
+    ``local``.
+
+    DTensor's own constructor is what ``DTensor.from_local`` ends in, without its checks and its
+    autograd function (a fifth of the cost); ``from_local`` is the fallback should that private
+    signature change.
+    """
+    try:
+        return cls(local, spec, requires_grad=False)
+    except TypeError:  # pragma: no cover - another torch version
+        return cls.from_local(
+            local, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride
+        )
 
 
 # --------------------------------------------------------------------------------------------
