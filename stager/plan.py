@@ -45,7 +45,9 @@ import torch
 
 from stager.errors import StagingInputError
 
-__all__ = ["Region", "Leaf", "Plan", "walk", "build_plan", "rebuild", "tensor_signature", "ATOMIC_TYPES"]
+__all__ = [
+    "Region", "Leaf", "Plan", "walk", "build_plan", "arena_layout", "rebuild", "tensor_signature", "ATOMIC_TYPES",
+]
 
 # Leaves that deepcopy returns as themselves.
 ATOMIC_TYPES: frozenset[type] = frozenset(
@@ -379,15 +381,45 @@ def _align_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def arena_layout(
+    sizes: list[int], devices: list[torch.device], *, alignment: int, pack_threshold: int | None
+) -> tuple[list[int], int]:
+    """Arena offsets for regions of ``sizes`` bytes on ``devices``, and the arena's total size.
+
+    Each region starts at a multiple of ``alignment``. Order: CPU regions, then per device (by
+    name) its regions below ``pack_threshold`` and then the rest, each group in the given order.
+    Without a threshold: CPU regions, then each device's regions in the given order.
+    """
+
+    def key(i: int) -> tuple:
+        device = devices[i]
+        large = pack_threshold is not None and device.type != "cpu" and sizes[i] >= pack_threshold
+        return (device.type != "cpu", str(device), large, i)
+
+    offsets = [0] * len(sizes)
+    offset = 0
+    for i in sorted(range(len(sizes)), key=key):
+        offsets[i] = offset
+        offset = _align_up(offset + sizes[i], alignment)
+    return offsets, offset
+
+
 def build_plan(
     tokens: list[tuple],
     tensors: list[torch.Tensor],
     paths: list[str],
     *,
     alignment: int,
+    pack_threshold: int | None = None,
     check: Callable[[torch.Tensor, str], None] | None = None,
 ) -> Plan:
     """Validate every tensor, group them by storage and lay the regions out in one arena.
+
+    Region indices follow the order of first appearance. With ``pack_threshold``, arena offsets
+    are assigned CPU regions first, then per device its small regions (below the threshold)
+    followed by its large ones: the small regions of a device are then adjacent in the arena,
+    so the GPU pipeline packs them into chunks that each reach the host in one copy, however
+    the state dict interleaves biases and norms with large weights.
 
     Raises :class:`~stager.errors.StagingInputError` (naming the key path) before anything is
     allocated or copied.
@@ -419,19 +451,26 @@ def build_plan(
             g[2] = max(g[2], t.element_size())
         per_tensor.append((key, start))
 
+    spans: list[tuple[int, int]] = []  # (lo, nbytes) per region, in appearance order
+    for key in order:
+        lo, hi, itemsize, _ = groups[key]
+        lo -= lo % itemsize
+        spans.append((lo, hi - lo))
+
+    offsets, offset = arena_layout(
+        [n for _, n in spans], [key[1] for key in order], alignment=alignment, pack_threshold=pack_threshold
+    )
+
     regions: list[Region] = []
     src_views: list[torch.Tensor] = []
     index_of: dict[tuple[int, torch.device], int] = {}
-    offset = 0
-    for key in order:
-        lo, hi, itemsize, st = groups[key]
-        lo -= lo % itemsize
-        nbytes = hi - lo
-        region = Region(index=len(regions), device=key[1], nbytes=nbytes, arena_offset=offset, src_offset=lo)
-        index_of[key] = region.index
+    for i, key in enumerate(order):
+        st = groups[key][3]
+        lo, nbytes = spans[i]
+        region = Region(index=i, device=key[1], nbytes=nbytes, arena_offset=offsets[i], src_offset=lo)
+        index_of[key] = i
         regions.append(region)
         src_views.append(torch.empty(0, dtype=torch.uint8, device=key[1]).set_(st, lo, (nbytes,), (1,)))
-        offset = _align_up(offset + nbytes, alignment)
 
     leaves: list[Leaf] = []
     for t, p, where in zip(tensors, paths, per_tensor):

@@ -249,7 +249,9 @@ class GraphStager:
         paths: list[str] = []
         tokens, tensors, others = [], [], []
         walk(state_dict, tokens, tensors, others, paths)
-        new_plan = build_plan(tokens, tensors, paths, alignment=self.config.alignment)
+        new_plan = build_plan(
+            tokens, tensors, paths, alignment=self.config.alignment, pack_threshold=self.config.pack_threshold
+        )
         self._replace_plan(new_plan)
         stats.replanned = True
         return new_plan, tensors, others
