@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from stager.config import StagerConfig
 from stager.errors import (
+    CheckpointWriteError,
     LeaseTimeoutError,
+    PartnerFailedError,
+    ReplicationError,
+    ReplicationTimeoutError,
+    RestoreMismatchError,
     RegionTableError,
     StagerClosedError,
     StagerConfigError,
@@ -17,9 +22,8 @@ from stager.errors import (
     StagingMemoryError,
 )
 from stager.stager import GraphStager
-from stager.restore import RestoreMismatchError
 from stager.stats import StageStats
-from stager.wrap import CheckpointWriteError, WrapHandle, load_checkpoint, wrap
+from stager.wrap import WrapHandle, load_checkpoint, wrap
 
 __all__ = [
     "GraphStager",
@@ -37,4 +41,7 @@ __all__ = [
     "load_checkpoint",
     "CheckpointWriteError",
     "RestoreMismatchError",
+    "ReplicationError",
+    "ReplicationTimeoutError",
+    "PartnerFailedError",
 ]

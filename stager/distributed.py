@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from stager.arena import HostArena, StagedSet, find_segment
 from stager.config import StagerConfig
-from stager.errors import StagerError
+from stager.errors import PartnerFailedError, ReplicationError, ReplicationTimeoutError
 from stager.plan import (
     _DTENSOR,
     _FLATDICT,
@@ -86,18 +86,6 @@ _OK, _FAILED = 0, 1
 _NEED_PLAN, _NEED_OTHERS, _ABORTED = 1, 2, 4
 _HEADER = 9  # magic, status, plan key, buffer bytes, chunk bytes, plan len, leaves len, error len, leaves changed
 _PLANS_KEPT = 2  # plans cached per peer (each with its receive arenas)
-
-
-class ReplicationError(StagerError, RuntimeError):
-    """Replication with a partner rank failed; the message names the rank and the phase."""
-
-
-class ReplicationTimeoutError(ReplicationError, TimeoutError):
-    """The partner rank did not answer within the replicator's timeout."""
-
-
-class PartnerFailedError(ReplicationError):
-    """The partner rank reported that it could not stage or send (its message is included)."""
 
 
 @dataclass

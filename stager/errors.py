@@ -14,6 +14,11 @@ __all__ = [
     "LeaseTimeoutError",
     "StagerClosedError",
     "RegionTableError",
+    "RestoreMismatchError",
+    "CheckpointWriteError",
+    "ReplicationError",
+    "ReplicationTimeoutError",
+    "PartnerFailedError",
 ]
 
 
@@ -54,3 +59,26 @@ class StagerClosedError(StagerError, RuntimeError):
 
 class RegionTableError(StagerError, ValueError):
     """A pack/unpack region table is malformed (bad dtype or shape, overlap, out of bounds)."""
+
+
+class RestoreMismatchError(StagerError, ValueError):
+    """The staged copy and the restore target differ in structure, shape or dtype.
+
+    Raised before any byte is copied, naming the key path of the first difference.
+    """
+
+
+class CheckpointWriteError(StagerError, RuntimeError):
+    """A checkpoint write (or its staging) failed in the background; raised on the next call."""
+
+
+class ReplicationError(StagerError, RuntimeError):
+    """Replication with a partner rank failed; the message names the rank and the phase."""
+
+
+class ReplicationTimeoutError(ReplicationError, TimeoutError):
+    """The partner rank did not answer within the replicator's timeout."""
+
+
+class PartnerFailedError(ReplicationError):
+    """The partner rank reported that it could not stage or send (its message is included)."""

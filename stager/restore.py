@@ -28,19 +28,12 @@ from typing import Any, Sequence
 import torch
 
 from stager import nvtx
-from stager.errors import StagerError
+from stager.errors import RestoreMismatchError
 from stager.stats import StageStats
 
 __all__ = ["RestoreMismatchError", "match_tensors", "restore_state"]
 
 _ALIGN = 16  # packed-buffer offsets of the host-packed path: keeps the kernel's 16-byte path open
-
-
-class RestoreMismatchError(StagerError, ValueError):
-    """The staged copy and the restore target differ in structure, shape or dtype.
-
-    Raised before any byte is copied, naming the key path of the first difference.
-    """
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -235,6 +235,10 @@ class GraphStager:
         return self._plan
 
     def _check_plan(self, state_dict: Any, stats: StageStats) -> tuple[Plan, list[torch.Tensor], list[Any]]:
+        with nvtx.range("stager/plan", self.config.nvtx):
+            return self._check_plan_inner(state_dict, stats)
+
+    def _check_plan_inner(self, state_dict: Any, stats: StageStats) -> tuple[Plan, list[torch.Tensor], list[Any]]:
         tokens: list[tuple] = []
         tensors: list[torch.Tensor] = []
         others: list[Any] = []

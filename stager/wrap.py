@@ -59,17 +59,13 @@ import torch
 
 from stager import nvtx
 from stager.config import StagerConfig
-from stager.errors import StagerClosedError, StagerError
+from stager.errors import CheckpointWriteError, StagerClosedError
 from stager.stager import GraphStager
 from stager.stats import StageStats
 
 __all__ = ["CheckpointWriteError", "CheckpointRecord", "WrapHandle", "wrap", "checkpoint_layout", "load_checkpoint"]
 
 log = logging.getLogger("stager")
-
-
-class CheckpointWriteError(StagerError, RuntimeError):
-    """A checkpoint write (or its staging) failed in the background; raised on the next call."""
 
 
 @dataclass
