@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from _cluster import cluster, shutdown_all
+from _helpers import assert_same, random_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -36,73 +37,31 @@ class Moments(NamedTuple):
     count: int
 
 
-def random_bytes(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    size = torch.empty(0, dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g)
-    if dtype is torch.bool:
-        raw %= 2
-    return raw.view(dtype).reshape(shape)
-
-
 def rank_state(rank: int, mesh: Any = None, step: int = 0) -> dict[str, Any]:
     """A state dict that differs per rank, deterministic from the rank (and ``step``)."""
     g = torch.Generator().manual_seed(100 + rank)
-    base = random_bytes((64,), torch.float32, g)
+    base = random_tensor((64,), torch.float32, g)
     model = collections.OrderedDict()
     for i, dt in enumerate(DTYPES):
-        model[f"p{i}"] = random_bytes((3, i + 2), dt, g)
+        model[f"p{i}"] = random_tensor((3, i + 2), dt, g)
     model["tied"] = model["p0"]
     state: dict[str, Any] = {
         "model": model,
         "views": [base[2:10], base[::4], base.view(8, 8).t()],  # one storage, three views
         "moments": Moments(torch.full((2,), float(rank)), 3 + rank),
         "empty": torch.empty(0, 5),
-        "optim": {"step": step, "lr": 0.1 * (rank + 1), "state": {0: {"exp_avg": random_bytes((5,), torch.float32, g)}}},
+        "optim": {"step": step, "lr": 0.1 * (rank + 1), "state": {0: {"exp_avg": random_tensor((5,), torch.float32, g)}}},
         "name": f"rank{rank}",
     }
     if mesh is not None:
         from torch.distributed.tensor import DTensor, Shard
 
         # Rank r's shard of (full + r): what rank r holds, computed anywhere without a collective.
-        full = random_bytes((8, 3), torch.float32, torch.Generator().manual_seed(7)) + rank
+        full = random_tensor((8, 3), torch.float32, torch.Generator().manual_seed(7)) + rank
         world = mesh.size()
         local = full.chunk(world)[rank].clone()
         state["dt"] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
     return state
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(want: Any, got: Any, path: str = "") -> None:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(want, DTensor):
-        assert type(got) is DTensor, path
-        assert got.device_mesh == want.device_mesh and got.placements == want.placements, path
-        assert got.shape == want.shape and got.stride() == want.stride(), path
-        assert_same(want._local_tensor, got._local_tensor, path)
-        return
-    if isinstance(want, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.device.type == "cpu", path
-        assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride(), path
-        assert torch.equal(as_bytes(got), as_bytes(want)), path
-        return
-    assert type(got) is type(want), f"{path}: {type(got)} vs {type(want)}"
-    if isinstance(want, dict):
-        assert list(got) == list(want), path
-        for k in want:
-            assert_same(want[k], got[k], f"{path}[{k!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), path
-        for i, (a, b) in enumerate(zip(want, got)):
-            assert_same(a, b, f"{path}[{i}]")
-    else:
-        assert got == want, path
 
 
 def assert_structure_kept(replica: dict[str, Any]) -> None:

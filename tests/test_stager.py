@@ -15,59 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
+from _helpers import ALL_DTYPES, assert_same, random_tensor
 from stager import (
     GraphStager,
     LeaseTimeoutError,
     StagerClosedError,
     StagingInputError,
 )
-
-ALL_DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
-    torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
-    torch.float8_e4m3fn, torch.float8_e5m2,
-]
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Random bytes reinterpreted as ``dtype`` (every bit pattern, NaNs included)."""
-    g = torch.Generator().manual_seed(seed)
-    n = 1
-    for s in shape:
-        n *= s
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    raw = torch.randint(0, 256, (n * itemsize,), dtype=torch.uint8, generator=g)
-    if dtype is torch.bool:
-        raw = raw % 2
-    return raw.view(dtype).reshape(shape)
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's elements as bytes (bit-exact comparison for every dtype, NaNs included)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(src: Any, out: Any, path: str = "") -> None:
-    """Same structure; tensors on the CPU with the same dtype, shape, stride and bytes."""
-    if isinstance(src, torch.Tensor):
-        assert isinstance(out, torch.Tensor), path
-        assert out.device.type == "cpu", path
-        assert out.dtype == src.dtype and out.shape == src.shape and out.stride() == src.stride(), path
-        assert torch.equal(as_bytes(out), as_bytes(src)), path
-        assert not out.requires_grad, path
-        return
-    assert type(out) is type(src), f"{path}: {type(out)} vs {type(src)}"
-    if isinstance(src, dict):
-        assert list(out) == list(src), path
-        for k in src:
-            assert_same(src[k], out[k], f"{path}[{k!r}]")
-    elif isinstance(src, (list, tuple)):
-        assert len(out) == len(src), path
-        for i, (a, b) in enumerate(zip(src, out)):
-            assert_same(a, b, f"{path}[{i}]")
-    else:
-        assert out == src, path
-
 
 def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
