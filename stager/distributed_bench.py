@@ -57,13 +57,6 @@ class Row:
     note: str = ""
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return (xs[lo] + (xs[hi] - xs[lo]) * (k - lo)) * 1e3
-
-
 def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
     import torch.distributed as dist
 
@@ -86,7 +79,7 @@ def _rank_main(rank: int, world: int, port: int, case: str, iters: int, out_path
     from torch.distributed.checkpoint._pg_transport import PGTransport
 
     from stager import GraphStager
-    from stager.bench import _tensors, header, make_workload
+    from stager.bench import _pct, _tensors, header, make_workload
     from stager.distributed import Replicator
 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
