@@ -35,7 +35,7 @@ from stager.arena import HostArena, StagedSet
 from stager.config import StagerConfig
 from stager.device import DeviceCopier, PendingCopy
 from stager.envs import CachePolicy, Mode
-from stager.headroom import HostDecision, decide_host, read_host
+from stager.headroom import HostDecision, decide_host, read_host, read_link
 from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
 from stager.plan import Plan, build_plan, rebuild, tensor_signature, walk
 from stager.stats import StageStats
@@ -407,16 +407,6 @@ class GraphStager:
         stats.complete_s = time.perf_counter() - t0
         return staged
 
-    def _copy(self, plan: Plan, staged_set: StagedSet, stats: StageStats | None = None) -> None:
-        """Copy every region of ``plan`` into ``staged_set``; complete when this returns."""
-        pending = PendingCopy()
-        try:
-            if plan.device_regions:
-                self._launch_devices(plan, staged_set, StageStats() if stats is None else stats, pending)
-            self._copy_cpu(plan, staged_set)
-        finally:
-            pending.wait()
-
     def _copy_cpu(self, plan: Plan, staged_set: StagedSet) -> None:
         if plan.cpu_src:
             with nvtx.range("stager/copy", self.config.nvtx):
@@ -469,11 +459,15 @@ class GraphStager:
         """
         from stager.restore import restore_state
 
-        arenas = [s.arena.tensor for s in getattr(self, "_sets", ()) if hasattr(getattr(s, "arena", None), "tensor")]
+        arenas = [s.arena.tensor for s in self._sets]
         return restore_state(staged, into, nvtx_enabled=self.config.nvtx, host_buffers=arenas)
 
     def _finish(self, stats: StageStats) -> None:
         if stats.copy_s > 0:
             stats.gbps = stats.nbytes / stats.copy_s / 1e9
+            if self._copiers:
+                link = read_link(next(iter(self._copiers)))  # cached after the first reading
+                if link is not None:
+                    stats.link_fraction = link.fraction(stats.gbps * 1e9)
         self.last_stats = stats
         stats.log()
