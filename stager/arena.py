@@ -393,11 +393,23 @@ class StagedSet:
                 torch.frombuffer(arena.array, dtype=torch.uint8, count=r.nbytes, offset=r.arena_offset)
             )
         self.cpu_dst = [self.bases[i] for i in plan.cpu_index]
+        self._cpu_parts: dict[int, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
         storages = [b.untyped_storage() for b in self.bases]
         self.tensors: list[torch.Tensor] = [_make_leaf(leaf, storages) for leaf in plan.leaves]
         self._storages = storages
         self._cdata = [s._cdata for s in storages]
         self._baseline = self._counts()
+
+    def cpu_parts(self, parts: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """The CPU regions' ``(destinations, sources)`` split into ``parts`` consecutive slices."""
+        cached = self._cpu_parts.get(parts)
+        if cached is None:
+            n = len(self.cpu_dst)
+            bounds = [n * i // parts for i in range(parts + 1)]
+            src = self.plan.cpu_src
+            cached = [(self.cpu_dst[a:b], src[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+            self._cpu_parts[parts] = cached
+        return cached
 
     def _counts(self) -> tuple[list[int], list[int], list[int]]:
         # Python references to the staged tensors and to the (unique) Python storage objects, and

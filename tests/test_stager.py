@@ -355,3 +355,16 @@ def test_bad_input_names_the_key_path_before_anything_is_staged(bad: Any, proble
             stager.stage(sd)
         assert problem in str(info.value)
         assert stager._sets == [] and stager.last_stats is None and stager.plan is None
+
+
+def test_many_small_cpu_tensors_are_copied_in_parallel_slices_bit_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = {f"t{i}": random_tensor((i % 7 + 1,), ALL_DTYPES[i % len(ALL_DTYPES)], seed=i) for i in range(4100)}
+    with GraphStager() as stager:
+        monkeypatch.setattr(stager, "_cpu_threads", 4)
+        out = stager.stage(sd)
+        assert stager._copy_pool is not None  # the copy was split over threads
+        assert_same(sd, out)
+        for t in sd.values():
+            t.zero_()
+        del out
+        assert_same(sd, stager.stage(sd))  # a replay over the same slices
