@@ -97,7 +97,7 @@ def report(nbytes: int = 1 << 30, small_fraction: float = 0.1, config: StagerCon
         graphs = cfg.graphs is not Mode.OFF
         lines.append(f"  executor: {'CUDA graph (capture once, then replay)' if graphs else 'eager'}")
     else:
-        lines.append("  device: none; CPU sources are copied with one _foreach_copy_ per stage")
+        lines.append("  device: none; CPU sources are copied with _foreach_copy_ (split over threads when many)")
     return lines
 
 

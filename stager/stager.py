@@ -6,9 +6,10 @@ One ``stage()`` call:
    input raises here, before anything is copied);
 2. takes a host arena for the staged copy: a free cached one, another one, a fresh one or, per the
    lease policy, waits for one to come free (see :mod:`stager.headroom`);
-3. copies every source region into its slot (CPU sources: one ``_foreach_copy_``; device sources:
-   the staging program on a low-priority side stream, replayed as CUDA graphs, see
-   :mod:`stager.device` and :mod:`stager.graphs`);
+3. copies every source region into its slot (CPU sources: ``_foreach_copy_``, split over up to
+   ``torch.get_num_threads()`` threads when there are many; device sources: the staging program
+   on a low-priority side stream, replayed as CUDA graphs, see :mod:`stager.device` and
+   :mod:`stager.graphs`);
 4. rebuilds the nested structure around the staged tensors and deep-copies the other leaves.
 
 With ``async_staging`` on, ``stage()`` returns a ``concurrent.futures.Future`` of the staged dict,
