@@ -45,3 +45,12 @@ __all__ = [
     "ReplicationTimeoutError",
     "PartnerFailedError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``stager.last_stats``: the StageStats of the most recent stage() in this process.
+    if name == "last_stats":
+        from stager.stats import latest
+
+        return latest()
+    raise AttributeError(f"module 'stager' has no attribute {name!r}")

@@ -40,6 +40,7 @@ from stager.headroom import HostDecision, decide_host, read_host, read_link
 from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
 from stager.plan import Plan, build_plan, rebuild, tensor_signature, walk
 from stager.stats import StageStats
+from stager.stats import record as record_stats
 
 __all__ = ["GraphStager"]
 
@@ -494,4 +495,4 @@ class GraphStager:
                 if link is not None:
                     stats.link_fraction = link.fraction(stats.gbps * 1e9)
         self.last_stats = stats
-        stats.log()
+        record_stats(stats)

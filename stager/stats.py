@@ -7,9 +7,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StageStats"]
+__all__ = ["StageStats", "record", "latest"]
 
 log = logging.getLogger("stager")
+
+_latest: "StageStats | None" = None
 
 
 @dataclass
@@ -64,3 +66,15 @@ class StageStats:
         """Log the record at debug level on the ``stager`` logger."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("stage: %s", self.to_dict())
+
+
+def record(stats: StageStats) -> None:
+    """Make ``stats`` the process-wide latest record (``stager.last_stats``) and log it."""
+    global _latest
+    _latest = stats
+    stats.log()
+
+
+def latest() -> StageStats | None:
+    """The record of the most recent ``stage()`` in this process, by any stager."""
+    return _latest

@@ -368,3 +368,14 @@ def test_many_small_cpu_tensors_are_copied_in_parallel_slices_bit_exactly(monkey
             t.zero_()
         del out
         assert_same(sd, stager.stage(sd))  # a replay over the same slices
+
+
+def test_module_level_last_stats_follows_the_latest_stage() -> None:
+    import stager
+
+    with GraphStager() as a, GraphStager() as b:
+        a.stage({"w": torch.ones(3)})
+        assert stager.last_stats is a.last_stats
+        b.stage({"w": torch.ones(5), "v": torch.ones(2)})
+        assert stager.last_stats is b.last_stats and stager.last_stats.tensors == 2
+        assert stager.last_stats.to_dict()["nbytes"] == 28
