@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -212,6 +213,11 @@ class CudaGraphExecutor:
             # CAPTURE / RECAPTURE. Old graphs live on in whatever keepalive() handed out.
             self._graphs = []
             self._bindings = None
+            # Until the new capture succeeds there are no graphs: a warm-up that raises must not
+            # leave the tracker CAPTURED under the old key, or a run with that key again would
+            # "replay" nothing.
+            self.tracker.state = GraphState.EMPTY
+            self.tracker.key = None
             with nvtx.range("stager/capture", self.nvtx):
                 issue_ops(bindings, nvtx_enabled=self.nvtx)  # warm-up: also this checkpoint's copy
                 try:
@@ -232,20 +238,29 @@ class CudaGraphExecutor:
     def _capture(self, bindings: Bindings) -> list[tuple[Any, range]]:
         graphs: list[tuple[Any, range]] = []
         steps = bindings.steps
-        for r in bindings.program.pieces(self.pieces):
-            if all(steps[i][0] == RECORD for i in r):
-                graphs.append((None, r))  # nothing to capture (events only)
-                continue
-            g = torch.cuda.CUDAGraph()
-            g.capture_begin(capture_error_mode="thread_local")
-            try:
-                issue_ops(bindings, r, record_events=False)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    g.capture_end()
-                raise
-            g.capture_end()
-            graphs.append((g, r))
+        # No cyclic garbage collection while capturing: a collection runs finalizers on this
+        # thread (a released host arena's cudaHostUnregister, a user object's CUDA call), and in
+        # "thread_local" mode any unsafe CUDA call on the capturing thread invalidates the capture.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for r in bindings.program.pieces(self.pieces):
+                if all(steps[i][0] == RECORD for i in r):
+                    graphs.append((None, r))  # nothing to capture (events only)
+                    continue
+                g = torch.cuda.CUDAGraph()
+                g.capture_begin(capture_error_mode="thread_local")
+                try:
+                    issue_ops(bindings, r, record_events=False)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        g.capture_end()
+                    raise
+                g.capture_end()
+                graphs.append((g, r))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         return graphs
 
     def _replay(self, bindings: Bindings) -> None:

@@ -30,6 +30,7 @@ allocation.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import sys
@@ -62,6 +63,8 @@ __all__ = [
     "SHM_DIR",
 ]
 
+log = logging.getLogger("stager")
+
 _PAGE = mmap.PAGESIZE
 _TOUCH_CHUNK = 64 << 20
 _storage_use_count: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
@@ -73,25 +76,109 @@ def _touch(view: np.ndarray) -> None:
     view.fill(0)
 
 
-def _cuda_register(ptr: int, nbytes: int) -> None:
+_HOST_REGISTER_PORTABLE = 1
+"""``cudaHostRegisterPortable``: pinned for every device's context (the arena of a state dict
+spread over several GPUs is copied into from each of them). Under unified addressing the default
+flags imply it; torch's own ``_pin_memory_utils`` passes it explicitly too."""
+
+
+def _context_device() -> int:
+    """The device whose context ``cudaHostRegister``/``Unregister`` should run in.
+
+    They run in the current device's primary context and create it when it does not exist yet:
+    a process that works on ``cuda:3`` but never called ``set_device`` would get a context (some
+    hundreds of MiB) on ``cuda:0``. Prefer the current device when it has a context, else any
+    device that has one (the one the state dict lives on), else the current device.
+    """
+    current = torch.cuda.current_device()
+    has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+    if has_context is None:
+        return current
+    try:
+        if has_context(current):
+            return current
+        for index in range(torch.cuda.device_count()):
+            if has_context(index):
+                return index
+    except Exception:  # pragma: no cover - a torch without the probe's usual signature
+        pass
+    return current
+
+
+_KEPT_MAPPINGS: list[mmap.mmap] = []
+"""Arenas whose unregistration failed: never unmapped (see :func:`_release`)."""
+_CUDART_UNLOADING = 4
+"""``cudaErrorCudartUnloading``: the runtime is shutting down (a finalizer at exit)."""
+
+
+def _consume_cuda_error(device: int) -> None:
+    """Clear the CUDA runtime's per-thread "last error" after a failed (un)registration.
+
+    torch's ``cudart()`` bindings return the error code without clearing it (torch itself follows
+    a handled failure with ``(void)cudaGetLastError()``); left set, the next kernel launch check
+    on this thread would raise it as that kernel's error (a spurious "out of memory" in the
+    training loop after a pinning failure). One tiny kernel launch reads, clears and raises it.
+    """
+    try:
+        torch.zeros(1, device=torch.device("cuda", device))
+    except Exception:  # the stale error itself, raised (and cleared) by the launch check
+        pass
+
+
+def _cuda_register(ptr: int, nbytes: int) -> int:
+    """Pin ``[ptr, ptr + nbytes)`` with ``cudaHostRegister``; returns the device whose context
+    registered it (unregister there too). Raises ``RuntimeError`` naming the CUDA error."""
     cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(ptr, nbytes, 0)
-    code = int(getattr(err, "value", err))
+    device = _context_device()
+    with torch.cuda.device(device):
+        err = cudart.cudaHostRegister(ptr, nbytes, _HOST_REGISTER_PORTABLE)
+        code = int(getattr(err, "value", err))
+        if code != 0:
+            _consume_cuda_error(device)
     if code != 0:
-        raise RuntimeError(f"cudaHostRegister({nbytes} bytes) failed with CUDA error {code}")
+        try:
+            what = cudart.cudaGetErrorString(cudart.cudaError(code))
+        except Exception:  # pragma: no cover - an unknown code the binding cannot name
+            what = "unknown error"
+        raise RuntimeError(
+            f"cudaHostRegister({nbytes} bytes) failed with CUDA error {code} ({what}); "
+            "set STAGER_PINNED=off to stage into pageable memory (eager copies, no CUDA graph)"
+        )
+    return device
 
 
-def _release(mm: mmap.mmap, ptr: int, nbytes: int, pinned: bool, path: str | None) -> None:
+def _release(
+    mm: mmap.mmap | None, ptr: int, nbytes: int, pinned: bool, path: str | None, device: int | None = None
+) -> None:
     _unregister(ptr)
     if pinned:
+        code = 0
         try:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+            cudart = torch.cuda.cudart()
+            index = _context_device() if device is None else device
+            with torch.cuda.device(index):
+                err = cudart.cudaHostUnregister(ptr)
+                code = int(getattr(err, "value", err))
+                if code not in (0, _CUDART_UNLOADING):  # at exit CUDA may already be gone
+                    _consume_cuda_error(index)
         except Exception:  # pragma: no cover - CUDA already torn down at exit
             pass
-    try:
-        mm.close()
-    except (BufferError, ValueError):  # pragma: no cover - an export still alive; GC frees it later
-        pass
+        if code not in (0, _CUDART_UNLOADING):
+            # Still registered: unmapping would leave CUDA's record of the range pointing at the
+            # old pages (a later mapping at this address fails to register with error 712, or is
+            # taken for pinned). Keep the mapping for the life of the process instead.
+            if mm is not None:
+                _KEPT_MAPPINGS.append(mm)
+            log.warning(
+                "stager: cudaHostUnregister of a %d-byte arena failed with CUDA error %d; "
+                "its memory stays mapped and pinned until the process exits", nbytes, code
+            )
+            mm = None
+    if mm is not None:
+        try:
+            mm.close()
+        except (BufferError, ValueError):  # pragma: no cover - an export still alive; GC frees it later
+            pass
     if path is not None:
         try:
             os.unlink(path)
@@ -133,15 +220,24 @@ class HostArena:
         self.alloc_s = time.perf_counter() - t0
         self.pin_s = 0.0
         self.ptr = int(self.array.ctypes.data)
+        self.device: int | None = None
+        """The CUDA device whose context registered (pinned) the arena; None when not pinned."""
         if pinned:
             t1 = time.perf_counter()
-            _cuda_register(self.ptr, self.mapped_bytes)
+            try:
+                self.device = _cuda_register(self.ptr, self.mapped_bytes)
+            except BaseException:
+                # Nothing else holds the mapping yet: unmap it now and remove a /dev/shm file,
+                # which would otherwise outlive the process.
+                del self.array
+                _release(mm, self.ptr, self.mapped_bytes, False, self.path)
+                raise
             self.pin_s = time.perf_counter() - t1
         self.tensor = torch.from_numpy(self.array)
         _register(Segment(self.ptr, nbytes, self.path, ident, weakref.ref(self.array)))
         if shared:
             install_shared_reduction()
-        weakref.finalize(self.array, _release, mm, self.ptr, self.mapped_bytes, pinned, self.path)
+        weakref.finalize(self.array, _release, mm, self.ptr, self.mapped_bytes, pinned, self.path, self.device)
 
     def _populate(self) -> None:
         # Touch every page now (in parallel for large arenas) so the first stage does not fault.

@@ -22,6 +22,7 @@ The decision packed / direct and the chunk size is taken in one place,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -304,36 +305,45 @@ class DeviceCopier:
             done = torch.cuda.Event(blocking=True)
             bindings.events["done"] = done
             side.wait_stream(caller_stream)
-            if graphs:
-                if entry.executor is None:
-                    entry.executor = CudaGraphExecutor(side, pieces=cfg.replay_pieces, nvtx_enabled=cfg.nvtx)
-                key = CaptureKey(
-                    program=program.key,
-                    arena=bindings.arena.data_ptr(),
-                    chunks=tuple(c.data_ptr() for c in bindings.chunks[: program.slots]),
-                    sources=fingerprint,
-                )
-                action = entry.executor.run(bindings, key)
-                if action in (Action.CAPTURE, Action.RECAPTURE):
-                    self.captures += 1
-                elif action is Action.REPLAY:
-                    self.replays += 1
-                executor = {
-                    Action.CAPTURE: "graph-capture",
-                    Action.RECAPTURE: "graph-capture",
-                    Action.REPLAY: "graph-replay",
-                    Action.EAGER: "eager",
-                }[action]
-                if action is Action.EAGER and entry.executor.tracker.failure:
-                    note = f"{self.device}: graph capture failed ({entry.executor.tracker.failure}); eager"
-                    if note not in stats.notes:
-                        stats.notes.append(note)
-                keep: Any = (bindings, entry.executor.keepalive(), plan.src_views, self._chunks)
-            else:
-                run_eager(bindings, stream=side, nvtx_enabled=cfg.nvtx)
-                executor = "eager"
-                keep = (bindings, plan.src_views, self._chunks)
-            bindings.events.pop("done", None)
+            try:
+                if graphs:
+                    if entry.executor is None:
+                        entry.executor = CudaGraphExecutor(side, pieces=cfg.replay_pieces, nvtx_enabled=cfg.nvtx)
+                    key = CaptureKey(
+                        program=program.key,
+                        arena=bindings.arena.data_ptr(),
+                        chunks=tuple(c.data_ptr() for c in bindings.chunks[: program.slots]),
+                        sources=fingerprint,
+                    )
+                    action = entry.executor.run(bindings, key)
+                    if action in (Action.CAPTURE, Action.RECAPTURE):
+                        self.captures += 1
+                    elif action is Action.REPLAY:
+                        self.replays += 1
+                    executor = {
+                        Action.CAPTURE: "graph-capture",
+                        Action.RECAPTURE: "graph-capture",
+                        Action.REPLAY: "graph-replay",
+                        Action.EAGER: "eager",
+                    }[action]
+                    if action is Action.EAGER and entry.executor.tracker.failure:
+                        note = f"{self.device}: graph capture failed ({entry.executor.tracker.failure}); eager"
+                        if note not in stats.notes:
+                            stats.notes.append(note)
+                    keep: Any = (bindings, entry.executor.keepalive(), plan.src_views, self._chunks)
+                else:
+                    run_eager(bindings, stream=side, nvtx_enabled=cfg.nvtx)
+                    executor = "eager"
+                    keep = (bindings, plan.src_views, self._chunks)
+            except BaseException:
+                # Copies queued before the failure still read the sources and write the arena:
+                # the caller's wait (which releases the arena) must cover them too.
+                with contextlib.suppress(Exception):
+                    done.record(side)
+                    pending.add(done, (bindings, plan.src_views, self._chunks))
+                raise
+            finally:
+                bindings.events.pop("done", None)
         pending.add(done, keep)
         stats.executor = combine_executor(stats.executor, executor)
         stats.device_path = "packed" if self.path == "packed" or stats.device_path == "packed" else "direct"

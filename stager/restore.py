@@ -163,16 +163,19 @@ def _restore_packed(
     Returns ``(regions unpacked, tensors copied one by one)``. The copies are queued on the current
     stream of ``device``; the caller synchronizes.
     """
-    from stager.kernels import table_from_triples, unpack_scatter
+    from stager.kernels import prepare_table, table_from_triples, unpack_scatter
 
     fast, slow = _split_packable(pairs)
     if fast:
         staged = [s for s, _ in fast]
         src, offsets = _host_source(staged, host_buffers)
+        table = table_from_triples((t.data_ptr(), o, _nbytes(t)) for (_, t), o in zip(fast, offsets))
+        # The launch table goes to the device first: its copy is from pageable memory (the CPU
+        # waits for the stream), which behind the bulk copy would wait for all of that too.
+        prepared = prepare_table(table, device)
         buf = torch.empty(src.numel(), dtype=torch.uint8, device=device)
         buf.copy_(src, non_blocking=src.is_pinned() if device.type == "cuda" else False)
-        table = table_from_triples((t.data_ptr(), o, _nbytes(t)) for (_, t), o in zip(fast, offsets))
-        unpack_scatter(table, buf)
+        unpack_scatter(prepared, buf)
     with torch.no_grad():
         for s, t in slow:
             t.copy_(s, non_blocking=device.type == "cuda")
