@@ -372,3 +372,62 @@ def test_stage_nowait_leaves_the_copy_in_flight_behind_the_callers_stream() -> N
         torch.cuda.synchronize()
         assert bool((staged["model"]["large.1"] == 7.0).all())
         assert stager.last_stats.executor == "graph-replay"
+
+
+# ------------------------------------------------------------------------------ pinning by registration
+
+
+def test_a_registered_arena_is_pinned_and_takes_a_captured_device_to_host_copy() -> None:
+    """The premise of the graph path: cudaHostRegister'ed memory counts as pinned, and a
+    non-blocking device-to-host copy into it can be captured on a side stream and replayed."""
+    from stager.arena import HostArena
+
+    arena = HostArena(1 << 20, pinned=True)
+    assert arena.tensor.is_pinned() and arena.device == torch.cuda.current_device()
+    arena.tensor.zero_()
+    src = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode="thread_local")
+        arena.tensor.copy_(src, non_blocking=True)
+        graph.capture_end()
+    side.synchronize()
+    assert not bool(arena.tensor.any())  # capturing copies nothing
+    for _ in range(2):
+        src.add_(1)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            graph.replay()
+        side.synchronize()
+        assert torch.equal(arena.tensor, src.cpu())
+
+
+def test_a_failed_registration_leaves_no_cuda_error_behind() -> None:
+    """Registering a range twice fails (CUDA error 712); the error must not surface later as the
+    error of an unrelated kernel launch on this thread."""
+    from stager.arena import HostArena, _cuda_register
+
+    arena = HostArena(1 << 16, pinned=True)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        _cuda_register(arena.ptr, arena.mapped_bytes)
+    x = torch.ones(4, device="cuda") * 2  # a kernel launch check would raise a stale error
+    torch.cuda.synchronize()
+    assert x.sum().item() == 8.0
+
+
+def test_pinned_arenas_are_unregistered_when_released() -> None:
+    """Arenas come and go (fresh path): each is unregistered before it is unmapped, so a new one
+    at the same address registers again instead of failing with error 712."""
+    import gc
+
+    from stager.arena import HostArena
+
+    for _ in range(5):
+        arena = HostArena(4 << 20, pinned=True)
+        assert arena.tensor.is_pinned()
+        del arena
+        gc.collect()
+    torch.ones(1, device="cuda").add_(1)
+    torch.cuda.synchronize()
