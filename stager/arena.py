@@ -120,6 +120,8 @@ def _consume_cuda_error(device: int) -> None:
     training loop after a pinning failure). One tiny kernel launch reads, clears and raises it.
     """
     try:
+        if torch.cuda.is_current_stream_capturing():
+            return  # that capture is invalidated anyway, and ending it clears the error
         torch.zeros(1, device=torch.device("cuda", device))
     except Exception:  # the stale error itself, raised (and cleared) by the launch check
         pass
