@@ -483,6 +483,7 @@ class StagedSet:
         self.arena = arena
         self.cached = cached
         self.in_flight = False
+        self.handed_out = False
         self._lock = threading.Lock()
         self.bases: list[torch.Tensor] = []
         """One uint8 tensor per region, over the region's own storage (copy destinations)."""
@@ -518,8 +519,17 @@ class StagedSet:
         return refs, srefs, uses
 
     def leased(self) -> bool:
-        """Whether anything outside the stager still holds a staged tensor or storage of this set."""
-        return self.in_flight or self._counts() != self._baseline
+        """Whether anything outside the stager still holds a staged tensor or storage of this set.
+
+        Without torch's storage use count (``torch._C._storage_Use_Count``) a view or storage
+        held elsewhere cannot be seen, so a set that was handed out once counts as leased for
+        good: later stages take other arenas (or wait) rather than risk overwriting a held copy.
+        """
+        if self.in_flight:
+            return True
+        if _storage_use_count is None and self.handed_out:
+            return True
+        return self._counts() != self._baseline
 
     def try_acquire(self) -> bool:
         """Mark the set in flight if it is free; ``False`` if it is leased."""
@@ -531,4 +541,5 @@ class StagedSet:
 
     def done(self) -> None:
         """End the in-flight mark once the staged dict that holds the tensors exists."""
+        self.handed_out = True
         self.in_flight = False

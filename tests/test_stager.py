@@ -379,3 +379,16 @@ def test_module_level_last_stats_follows_the_latest_stage() -> None:
         b.stage({"w": torch.ones(5), "v": torch.ones(2)})
         assert stager.last_stats is b.last_stats and stager.last_stats.tensors == 2
         assert stager.last_stats.to_dict()["nbytes"] == 28
+
+
+def test_without_storage_use_counts_a_handed_out_arena_is_never_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stager.arena as arena_mod
+
+    monkeypatch.setattr(arena_mod, "_storage_use_count", None)
+    sd = {"w": torch.zeros(8)}
+    with GraphStager(cache_policy="cached", max_arenas=1, lease_policy="wait", lease_timeout=0.05) as stager:
+        view = stager.stage(sd)["w"][2:]  # only a view survives: invisible without use counts
+        sd["w"].fill_(1.0)
+        with pytest.raises(LeaseTimeoutError):
+            stager.stage(sd)
+        assert torch.equal(view, torch.zeros(6))
