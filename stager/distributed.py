@@ -62,6 +62,8 @@ from stager.plan import (
     Region,
     build_plan,
     rebuild,
+    TensorSignature,
+    gc_paused,
     tensor_signature,
     walk,
 )
@@ -143,7 +145,7 @@ class _Outbound:
 
     key: int
     tokens: list[tuple]
-    signature: list[tuple]
+    signature: TensorSignature
     meta: bytes
     buffer_bytes: int
     offsets: list[int]
@@ -299,10 +301,10 @@ class Replicator:
         tokens: list[tuple] = []
         tensors: list[torch.Tensor] = []
         others: list[Any] = []
-        walk(staged, tokens, tensors, others)
-        signature = tensor_signature(tensors)
+        with gc_paused():
+            walk(staged, tokens, tensors, others)
         for entry in peer.outbound:
-            if entry.tokens == tokens and entry.signature == signature:
+            if entry.signature.matches(tensors) and entry.tokens == tokens:
                 return entry, tensors, others
         paths: list[str] = []
         tokens, tensors, others = [], [], []
@@ -660,7 +662,7 @@ def _receive_plan(
     """A plan over the sender's buffer layout, with no sources (only its arena layout is used)."""
     return Plan(
         tokens=tokens,
-        signature=[],
+        signature=TensorSignature([], [], [], []),
         leaves=leaves,
         regions=regions,
         arena_bytes=buffer_bytes,

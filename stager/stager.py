@@ -38,7 +38,7 @@ from stager.device import DeviceCopier, PendingCopy
 from stager.envs import CachePolicy, Mode
 from stager.headroom import HostDecision, decide_host, read_host, read_link
 from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
-from stager.plan import Plan, build_plan, rebuild, tensor_signature, walk
+from stager.plan import Plan, build_plan, gc_paused, rebuild, walk
 from stager.stats import StageStats
 from stager.stats import record as record_stats
 
@@ -190,7 +190,8 @@ class GraphStager:
                     pending.wait()
                     raise
             self._copy_cpu(plan, staged_set)
-            staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
+            with gc_paused():
+                staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
         finally:
             # The staged dict now holds the lease; a later stage on the same device is queued on
             # the same side stream, behind these copies.
@@ -252,12 +253,13 @@ class GraphStager:
         tensors: list[torch.Tensor] = []
         others: list[Any] = []
         plan = self._plan
-        try:
-            walk(state_dict, tokens, tensors, others)
-        except StagingInputError:
-            plan = None  # walk again below, with key paths, for the error message
-        if plan is not None and plan.matches(tokens, tensor_signature(tensors)):
-            return plan, tensors, others
+        with gc_paused():
+            try:
+                walk(state_dict, tokens, tensors, others)
+            except StagingInputError:
+                plan = None  # walk again below, with key paths, for the error message
+            if plan is not None and plan.matches(tokens, tensors):
+                return plan, tensors, others
         # Walk again with key paths, validate every leaf, lay out a new arena.
         paths: list[str] = []
         tokens, tensors, others = [], [], []
@@ -405,7 +407,8 @@ class GraphStager:
                 pending.wait()
                 t1 = min(t1, pending.t0)
             stats.copy_s = time.perf_counter() - t1
-            staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
+            with gc_paused():
+                staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
         finally:
             if pending is not None:
                 pending.wait()  # never hand the set back while a copy may still write into it

@@ -218,7 +218,20 @@ def _changes() -> list[Any]:
     def rebind(sd: dict) -> None:
         sd["b"] = sd["a"]
 
-    return [pytest.param(f, id=f.__name__) for f in (add_key, remove_key, resize, dtype, move, rebind)]
+    # Same object, same data_ptr: only one column of the signature differs.
+    def transpose_in_place(sd: dict) -> None:
+        sd["a"].t_()  # stride only (4x4 stays 4x4)
+
+    def unsqueeze_in_place(sd: dict) -> None:
+        sd["a"].unsqueeze_(0)  # size and stride
+
+    def reinterpret_dtype(sd: dict) -> None:
+        sd["a"].data = sd["a"].view(torch.int32)  # dtype only
+
+    changes = (
+        add_key, remove_key, resize, dtype, move, rebind, transpose_in_place, unsqueeze_in_place, reinterpret_dtype
+    )
+    return [pytest.param(f, id=f.__name__) for f in changes]
 
 
 @pytest.mark.parametrize("change", _changes())
@@ -230,6 +243,54 @@ def test_a_changed_state_dict_is_replanned_and_staged_correctly(change: Any) -> 
         out = stager.stage(sd)
         assert stager.plans_built == 2
         assert_same(sd, out)
+
+
+def test_lists_of_scalars_are_snapshots_and_their_values_never_force_a_replan() -> None:
+    group = {"params": [0, 1, 2], "betas": (0.9, 0.999), "lr": 1e-3, "mixed": [1, "a", None, 2.5]}
+    sd = {"w": torch.randn(3), "param_groups": [group]}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        assert out["param_groups"] == [group]
+        assert out["param_groups"][0]["params"] is not group["params"]
+        assert type(out["param_groups"][0]["betas"]) is tuple
+        group["params"].append(3)  # the copy is a snapshot
+        group["betas"] = (0.8, 0.99)
+        assert out["param_groups"][0]["params"] == [0, 1, 2]
+        assert out["param_groups"][0]["betas"] == (0.9, 0.999)
+        group["params"].pop()
+        group["mixed"][0] = 7  # same types, new value: same plan
+        again = stager.stage(sd)
+        assert again["param_groups"][0]["mixed"] == [7, "a", None, 2.5]
+        assert again["param_groups"][0]["betas"] == (0.8, 0.99)
+        assert stager.plans_built == 1
+        group["params"].append(3)  # a longer list is another structure
+        assert stager.stage(sd)["param_groups"][0]["params"] == [0, 1, 2, 3]
+        assert stager.plans_built == 2
+
+
+def test_the_signature_check_pauses_the_garbage_collector_and_restores_it() -> None:
+    sd = {f"t{i}": torch.full((2,), float(i)) for i in range(3000)}
+    seen: list[bool] = []
+    with GraphStager() as stager:
+        stager.stage(sd)
+        real = torch.Tensor.stride
+        try:
+            # Record whether the collector was on while the signature was read.
+            torch.Tensor.stride = lambda self, *a: (seen.append(gc.isenabled()), real(self, *a))[1]  # type: ignore[method-assign]
+            out = stager.stage(sd)
+        finally:
+            torch.Tensor.stride = real  # type: ignore[method-assign]
+        assert_same(sd, out)
+        del out
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            assert_same(sd, stager.stage(sd))
+            assert not gc.isenabled()  # left off when the caller had it off
+        finally:
+            gc.enable()
+        assert stager.plans_built == 1
+    assert seen and not any(seen)
 
 
 # ------------------------------------------------------------------------------ leases
