@@ -208,11 +208,18 @@ def _time_floor(nbytes: int, device: str, iters: int) -> tuple[list[float], list
     return times, times
 
 
-def _time_provider(factory: Callable[[], Any], sd: Any, device: str, iters: int) -> tuple[list[float], list[float]]:
+def _time_provider(
+    factory: Callable[[], Any], sd: Any, device: str, iters: int, budget_s: float = float("inf")
+) -> tuple[list[float], list[float]]:
+    """Time ``iters`` calls after two warm-ups; stop early once ``budget_s`` seconds have passed
+    (after at least one timed call), so one slow provider cannot use up a short session."""
     stager = factory()
     blocked, complete = [], []
+    start = time.perf_counter()
     try:
         for i in range(iters + 2):
+            if blocked and time.perf_counter() - start > budget_s:
+                break
             _sync(device)
             t0 = time.perf_counter()
             out = stager.stage(sd)
@@ -261,8 +268,18 @@ def header(device: str) -> dict[str, Any]:
     return info
 
 
-def run(device: str, cases: list[str], iters: int, providers: list[str] | None = None) -> tuple[dict, list[Row]]:
-    """Measure every provider on every case; returns the header and the rows."""
+def run(
+    device: str,
+    cases: list[str],
+    iters: int,
+    providers: list[str] | None = None,
+    budget_s: float = float("inf"),
+) -> tuple[dict, list[Row]]:
+    """Measure every provider on every case; returns the header and the rows.
+
+    ``budget_s`` bounds each provider's time on each case: a provider that runs past it stops
+    after its current call, and its row says how many calls were timed.
+    """
     head = header(device)
     rows: list[Row] = []
     all_providers = _providers(device)
@@ -276,8 +293,8 @@ def run(device: str, cases: list[str], iters: int, providers: list[str] | None =
         results = [("floor (one memcpy)", fb, fc, "")]
         for name, factory in chosen.items():
             try:
-                b, c = _time_provider(factory, sd, device, iters)
-                results.append((name, b, c, ""))
+                b, c = _time_provider(factory, sd, device, iters, budget_s)
+                results.append((name, b, c, "" if len(c) == iters else f"{len(c)} of {iters} calls (--budget)"))
             except Exception as exc:  # a provider that cannot run here is reported, not fatal
                 results.append((name, [], [], f"failed: {type(exc).__name__}: {exc}"[:120]))
         for name, b, c, note in results:
@@ -312,7 +329,7 @@ def format_table(head: dict, rows: list[Row]) -> str:
             f"{r.case:<6} {r.tensors:>7} {r.mib:>8.1f}  {r.provider:<32} "
             f"{r.blocked_ms_p50:>9.2f} ({r.blocked_ms_p20:>6.2f}-{r.blocked_ms_p80:>7.2f}) "
             f"{r.complete_ms_p50:>10.2f} ({r.complete_ms_p20:>6.2f}-{r.complete_ms_p80:>7.2f}) "
-            f"{r.gbps:>7.2f} {r.x_floor:>8.2f}"
+            f"{r.gbps:>7.2f} {r.x_floor:>8.2f}" + (f"  {r.note}" if r.note else "")
         )
     return "\n".join(lines)
 
@@ -325,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=10, help="timed calls per provider (after 2 warm-ups)")
     parser.add_argument("--providers", default=None, help="comma-separated substrings of provider names")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument(
+        "--budget", type=float, default=None, metavar="SECONDS",
+        help="at most this long per provider and case (default: no limit); fewer calls are noted in the row",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
@@ -333,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {', '.join(WORKLOADS[args.device])}")
     providers = args.providers.split(",") if args.providers else None
-    head, rows = run(args.device, cases, args.iters, providers)
+    budget = float("inf") if args.budget is None else args.budget
+    head, rows = run(args.device, cases, args.iters, providers, budget)
     print(format_table(head, rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -49,3 +49,13 @@ def test_bench_writes_rows_with_floor_and_ratios(tmp_path: Path, monkeypatch: py
     floor = next(r for r in data["rows"] if r["provider"].startswith("floor"))
     assert floor["x_floor"] == pytest.approx(1.0)
     assert all(r["tensors"] == 200 for r in data["rows"])
+
+
+def test_bench_budget_stops_a_slow_provider_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bench.WORKLOADS["cpu"], "small", lambda: bench._small(50, 1024, 4096, "cpu"))
+    out = tmp_path / "bench.json"
+    args = ["--cases", "small", "--iters", "5", "--providers", "stager", "--budget", "0", "--json", str(out)]
+    assert bench.main(args) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["provider"] == "stager"]
+    assert len(rows) == 1 and rows[0]["note"] == "1 of 5 calls (--budget)"
+    assert rows[0]["complete_ms_p50"] > 0
