@@ -55,6 +55,7 @@ from stager.errors import PartnerFailedError, ReplicationError, ReplicationTimeo
 from stager.plan import (
     _DTENSOR,
     _FLATDICT,
+    _NESTEDFLAT,
     _SUBTENSOR,
     _TENSOR,
     Leaf,
@@ -403,6 +404,8 @@ class Replicator:
                 i += 1
             elif kind == _FLATDICT:
                 i += len(tok[1])
+            elif kind == _NESTEDFLAT:
+                i += tok[3]
         if not others and not subclass_attrs:
             return b""  # a flat dict of tensors: nothing to send
         ids = {id(t): i for i, t in enumerate(tensors)}

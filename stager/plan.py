@@ -35,7 +35,7 @@ import copy
 import gc
 import io
 from collections import deque
-from itertools import islice
+from itertools import chain, islice
 from operator import attrgetter
 import pickle
 import sys
@@ -64,9 +64,10 @@ ATOMIC_TYPES: frozenset[type] = frozenset(
 _DTYPE = attrgetter("dtype")
 _SHAPE = attrgetter("shape")
 _PLAIN_TENSOR_TYPES: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
+_DICT_ONLY: frozenset[type] = frozenset({dict})
 
 # Structure tokens, in pre-order. Each is a tuple whose first item is one of:
-_DICT, _FLATDICT, _LIST, _TUPLE, _NAMEDTUPLE, _TENSOR, _SUBTENSOR, _ATOM, _OBJECT, _DTENSOR, _ATOMS = range(11)
+_DICT, _FLATDICT, _LIST, _TUPLE, _NAMEDTUPLE, _TENSOR, _SUBTENSOR, _ATOM, _OBJECT, _DTENSOR, _ATOMS, _NESTEDFLAT = range(12)
 _TENSOR_TOKEN = (_TENSOR,)
 
 
@@ -244,13 +245,25 @@ def walk(
     elif isinstance(obj, dict):
         keys = tuple(obj)
         values = list(obj.values())
-        if cls is dict and values and set(map(type, values)) <= _PLAIN_TENSOR_TYPES:
-            # A flat dict of tensors (model.state_dict()): no per-value recursion.
-            tokens.append((_FLATDICT, keys))
-            tensors.extend(values)
-            if paths is not None:
-                paths.extend(f"{path}[{k!r}]" for k in keys)
-            return
+        if cls is dict and values:
+            types = set(map(type, values))
+            if types <= _PLAIN_TENSOR_TYPES:
+                # A flat dict of tensors (model.state_dict()): no per-value recursion.
+                tokens.append((_FLATDICT, keys))
+                tensors.extend(values)
+                if paths is not None:
+                    paths.extend(f"{path}[{k!r}]" for k in keys)
+                return
+            if types == _DICT_ONLY:
+                # A dict of flat dicts of tensors (an optimizer's per-parameter ``state``): one
+                # token, and no Python-level step per inner dict.
+                flat = list(chain.from_iterable(map(dict.values, values)))
+                if set(map(type, flat)) <= _PLAIN_TENSOR_TYPES:
+                    tokens.append((_NESTEDFLAT, keys, tuple(map(tuple, values)), len(flat)))
+                    tensors.extend(flat)
+                    if paths is not None:
+                        paths.extend(f"{path}[{k!r}][{ik!r}]" for k, d in zip(keys, values) for ik in d)
+                    return
         if cls is dict:
             tokens.append((_DICT, cls, keys))
         else:
@@ -348,6 +361,14 @@ def _build(
         first = next(ten_it)
         deque(islice(ten_it, len(keys) - 1), maxlen=0)
         return dict(zip(keys, staged[first : first + len(keys)]))
+    if kind == _NESTEDFLAT:
+        keys, inner, n = tok[1], tok[2], tok[3]
+        if not n:
+            return {k: {} for k in keys}
+        first = next(ten_it)
+        deque(islice(ten_it, n - 1), maxlen=0)
+        values = iter(staged[first : first + n])
+        return {k: dict(zip(ik, values)) for k, ik in zip(keys, inner)}  # zip takes ik first: no overrun
     if kind == _DICT:
         cls, keys = tok[1], tok[2]
         template = None if cls is dict else next(oth_it)

@@ -418,6 +418,35 @@ def test_bad_input_names_the_key_path_before_anything_is_staged(bad: Any, proble
         assert stager._sets == [] and stager.last_stats is None and stager.plan is None
 
 
+def test_a_dict_of_flat_dicts_keeps_its_structure_ties_and_key_paths() -> None:
+    # The shape of an optimizer's per-parameter state, staged without a step per inner dict.
+    shared = torch.randn(6)
+    state = {
+        0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3), "exp_avg_sq": shared[:3]},
+        1: {},
+        "x": {"exp_avg": shared, "view": shared[2:].view(2, 2)},
+    }
+    sd = {"state": state, "after": torch.arange(4), "empty": {0: {}, 1: {}}}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        assert_same(sd, out)
+        assert list(out["state"]) == [0, 1, "x"] and list(out["state"][0]) == ["step", "exp_avg", "exp_avg_sq"]
+        assert out["state"][1] == {} and out["empty"] == {0: {}, 1: {}}
+        staged_shared = out["state"]["x"]["exp_avg"]
+        assert out["state"][0]["exp_avg_sq"].untyped_storage().data_ptr() == staged_shared.untyped_storage().data_ptr()
+        view = out["state"]["x"]["view"]
+        assert view.untyped_storage().data_ptr() == staged_shared.untyped_storage().data_ptr()
+        assert view.storage_offset() == staged_shared.storage_offset() + 2
+        del view, staged_shared
+        del out
+        state[1]["exp_avg"] = torch.zeros(1)  # a key added to one inner dict: another structure
+        assert_same(sd, stager.stage(sd))
+        assert stager.plans_built == 2
+        state[1]["bad"] = torch.empty(1, device="meta")
+        with pytest.raises(StagingInputError, match=r"\['state'\]\[1\]\['bad'\]"):
+            stager.stage(sd)
+
+
 def test_many_small_cpu_tensors_are_copied_in_parallel_slices_bit_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     sd = {f"t{i}": random_tensor((i % 7 + 1,), ALL_DTYPES[i % len(ALL_DTYPES)], seed=i) for i in range(4100)}
     with GraphStager() as stager:
