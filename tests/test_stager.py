@@ -161,10 +161,24 @@ def nested_state_dicts(draw: st.DrawFn) -> dict[str, Any]:
             return draw(st.text(max_size=3))
         return draw(st.integers())
 
+    def tensor_leaf() -> Any:
+        b = draw(st.sampled_from(bases))
+        kind = draw(st.sampled_from(["base", "view", "t"]))
+        if kind == "view" and b.dim() >= 1 and b.shape[0] > 1:
+            return b[1:]
+        if kind == "t" and b.dim() >= 2:
+            return b.transpose(0, 1)
+        return b
+
     def node(depth: int) -> Any:
         if depth == 0 or draw(st.booleans()):
             return leaf()
-        kind = draw(st.sampled_from(["dict", "list", "tuple"]))
+        kind = draw(st.sampled_from(["dict", "list", "tuple", "per-parameter"]))
+        if kind == "per-parameter":  # a dict of flat dicts of tensors, some empty
+            return {
+                p: {f"s{j}": tensor_leaf() for j in range(draw(st.integers(0, 3)))}
+                for p in range(draw(st.integers(1, 3)))
+            }
         n = draw(st.integers(0, 3))
         children = [node(depth - 1) for _ in range(n)]
         if kind == "dict":
