@@ -7,9 +7,10 @@ stream. Later runs replay the graphs: one launch per piece, whatever the number 
 
 What a capture bakes in, and so what it is keyed by (:class:`CaptureKey`): the program (its
 structure), the destination arena, the chunk buffers and the address of every source span. The
-sources are fingerprinted before every replay (:func:`~stager.graphs.program.source_fingerprint`:
-one ``data_ptr()`` per region): a replay after a source moved would copy stale or freed memory, so
-any change re-captures instead. :class:`CaptureTracker` is that decision as a pure state machine
+source addresses are checked before every replay (by the stager's plan check, one ``data_ptr()``
+per region; :func:`~stager.graphs.program.source_fingerprint` computes the same tuple from
+bound views): a replay after a source moved would copy stale or freed memory, so any change
+re-captures instead. :class:`CaptureTracker` is that decision as a pure state machine
 (testable without a GPU); it also counts captures and replays.
 
 Capture rules followed here (see ``torch/cuda/graphs.py``): every buffer is allocated before

@@ -34,7 +34,7 @@ import torch
 from stager.envs import Mode, format_size
 from stager.graphs.cuda_graph import Action, CaptureKey, CudaGraphExecutor
 from stager.graphs.eager import run_eager
-from stager.graphs.program import Bindings, Program, bind_program, build_program, source_fingerprint
+from stager.graphs.program import Bindings, Program, bind_program, build_program
 
 if TYPE_CHECKING:
     from stager.arena import StagedSet
@@ -285,7 +285,8 @@ class DeviceCopier:
         with torch.cuda.device(self.device.index):
             side = self.stream
             program = self._program_for(plan, stats)
-            fingerprint = source_fingerprint(program, plan.src_views)
+            # The sources' addresses, as the plan check of this very call found them.
+            fingerprint = tuple(map(plan.src_ptrs.__getitem__, program.regions))
             graphs = self._graphs_wanted(staged_set, stats)
             # Cached sets keep their bindings (and graphs); a fresh set is bound for this call only.
             entry = self._entries.get(staged_set) if staged_set.cached else None

@@ -318,7 +318,7 @@ class Replicator:
                     f"replicate() sends staged (host) dicts, but state_dict{path} is on {r.device}; "
                     "send what GraphStager.stage() returned"
                 )
-        ptrs = [v.data_ptr() for v in plan.src_views]
+        ptrs = list(plan.src_ptrs)
         plan.release_sources()  # holding them would keep the stager's arena leased
         anchors: list[tuple[int, int]] = [(-1, 0)] * len(plan.regions)
         for i, leaf in enumerate(plan.leaves):

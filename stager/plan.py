@@ -24,9 +24,14 @@ DTensor with the same spec. ``torch.distributed.tensor`` is never imported here:
 only exist once its module is loaded, so the class is looked up in ``sys.modules``.
 
 Sources. The plan keeps a uint8 view of every source region, which keeps the source storages
-alive. That is what makes the signature sound: while the plan holds a storage, no other storage can
-take its address, so an equal ``data_ptr`` means the same memory. The views are dropped when the
-plan is replaced or the stager is closed.
+alive, and the address of each view when it was planned. The copies read those views. A match
+therefore needs both halves: the walked tensors have the planned signature, *and* every view is
+still at its planned address. A storage can move under the plan: ``untyped_storage().resize_()``
+(as FSDP does to free and re-gather parameters) gives it new memory and frees the old, which
+another storage can then take, so a new tensor can turn up at a planned address while the view
+the plan would copy from points elsewhere (or at nothing). While both halves hold, an equal
+``data_ptr`` means the same memory. The views are dropped when the plan is replaced or the stager
+is closed.
 """
 
 from __future__ import annotations
@@ -119,6 +124,8 @@ class Plan:
     alignment: int
     src_views: list[torch.Tensor] = field(repr=False)
     """uint8 view of every region's source span, in region order (keeps the sources alive)."""
+    src_ptrs: list[int] = field(default_factory=list, repr=False)
+    """Address of every ``src_views`` span when planned (checked on every match)."""
     devices: list[torch.device] = field(default_factory=list)
     cpu_index: list[int] = field(default_factory=list)
     """Indices of the regions whose source is on the CPU."""
@@ -128,11 +135,19 @@ class Plan:
     """Indices of the regions on each accelerator device."""
 
     def matches(self, tokens: list[tuple], tensors: Sequence[torch.Tensor]) -> bool:
-        """Whether a walked state dict (its ``tokens`` and ``tensors``) can be staged with this plan."""
-        return self.signature.matches(tensors) and tokens == self.tokens
+        """Whether a walked state dict (its ``tokens`` and ``tensors``) can be staged with this plan.
+
+        Also checks that no source storage the plan copies from has moved (see the module's
+        docstring): one ``data_ptr()`` per region.
+        """
+        return (
+            self.signature.matches(tensors)
+            and tokens == self.tokens
+            and list(map(torch.Tensor.data_ptr, self.src_views)) == self.src_ptrs
+        )
 
     def release_sources(self) -> None:
-        """Drop the references to the source storages."""
+        """Drop the references to the source storages (the plan matches nothing afterwards)."""
         self.src_views = []
         self.cpu_src = []
 
@@ -596,6 +611,7 @@ def build_plan(
         nbytes=sum(r.nbytes for r in regions),
         alignment=alignment,
         src_views=src_views,
+        src_ptrs=[v.data_ptr() for v in src_views],
         devices=devices,
         cpu_index=cpu_index,
         cpu_src=[src_views[i] for i in cpu_index],

@@ -191,6 +191,26 @@ def test_a_reallocated_parameter_is_recaptured() -> None:
         assert_bit_exact(expected, out)
 
 
+def test_a_storage_freed_and_its_block_reused_is_replanned_not_replayed() -> None:
+    # FSDP frees parameter storage with resize_(0); the caching allocator hands the same block to
+    # the next allocation of that size, so the new tensor has the planned data_ptr, shape, stride
+    # and dtype. Only the check of the planned storages tells the plan's view now points at nothing.
+    sd = random_state_dict("cuda", 10)
+    with GraphStager(cache_policy="cached", max_arenas=1) as stager:
+        stage_sync(stager, sd)
+        stage_sync(stager, sd)
+        t = sd["model"]["large.1"]
+        old = t.data_ptr()
+        t.untyped_storage().resize_(0)
+        new = torch.empty(t.shape, dtype=t.dtype, device="cuda").normal_()
+        sd["model"]["large.1"] = new
+        expected = host_copy(sd)
+        out = stage_sync(stager, sd)
+        stats = stager.last_stats
+        assert stats.replanned and stats.executor == "graph-capture", (new.data_ptr() == old, stats)
+        assert_bit_exact(expected, out)
+
+
 def test_staged_tensors_are_pinned() -> None:
     sd = random_state_dict("cuda", 9, n_small=30)
     with GraphStager(cache_policy="cached") as stager:

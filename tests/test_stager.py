@@ -259,6 +259,36 @@ def test_a_changed_state_dict_is_replanned_and_staged_correctly(change: Any) -> 
         assert_same(sd, out)
 
 
+def test_a_storage_resized_away_and_its_address_reused_is_replanned() -> None:
+    # FSDP-style: a source storage is freed with resize_(0); a new tensor then takes its old
+    # address, so the state dict's signature is unchanged while the plan's own view of the old
+    # storage now points at nothing. Copying from it would read freed memory.
+    reused = 0
+    for n in (1024, 4096, 4096, 16384, 16384, 65536):
+        a = torch.randn(n)
+        sd = {"w": a, "b": torch.randn(3)}
+        with GraphStager() as stager:
+            del_out = stager.stage(sd)
+            del del_out
+            old = a.data_ptr()
+            a.untyped_storage().resize_(0)
+            sd["w"] = torch.randn(n)
+            reused += sd["w"].data_ptr() == old
+            assert_same(sd, stager.stage(sd))
+            assert stager.plans_built == 2
+    print(f"old address reused in {reused} of 6 tries")
+
+
+def test_a_moved_source_span_forces_a_replan() -> None:
+    sd = {"w": torch.randn(64), "b": torch.randn(3)}
+    with GraphStager() as stager:
+        stager.stage(sd)
+        stager.plan.src_ptrs[0] += 64  # as if the planned storage had moved since
+        out = stager.stage(sd)
+        assert stager.plans_built == 2
+        assert_same(sd, out)
+
+
 def test_lists_of_scalars_are_snapshots_and_their_values_never_force_a_replan() -> None:
     group = {"params": [0, 1, 2], "betas": (0.9, 0.999), "lr": 1e-3, "mixed": [1, "a", None, 2.5]}
     sd = {"w": torch.randn(3), "param_groups": [group]}
