@@ -54,7 +54,7 @@ import torch
 from stager.errors import StagingInputError
 
 __all__ = [
-    "Region", "Leaf", "Plan", "walk", "build_plan", "arena_layout", "rebuild", "tensor_signature", "TensorSignature",
+    "Region", "Leaf", "Plan", "walk", "build_plan", "arena_layout", "rebuild", "find_cycle", "tensor_signature", "TensorSignature",
     "gc_paused", "ATOMIC_TYPES",
 ]
 
@@ -126,6 +126,8 @@ class Plan:
     """uint8 view of every region's source span, in region order (keeps the sources alive)."""
     src_ptrs: list[int] = field(default_factory=list, repr=False)
     """Address of every ``src_views`` span when planned (checked on every match)."""
+    complex_index: list[int] = field(default_factory=list, repr=False)
+    """Indices of the complex tensors (the only ones that can carry a lazy conjugate bit)."""
     devices: list[torch.device] = field(default_factory=list)
     cpu_index: list[int] = field(default_factory=list)
     """Indices of the regions whose source is on the CPU."""
@@ -138,12 +140,17 @@ class Plan:
         """Whether a walked state dict (its ``tokens`` and ``tensors``) can be staged with this plan.
 
         Also checks that no source storage the plan copies from has moved (see the module's
-        docstring): one ``data_ptr()`` per region.
+        docstring), one ``data_ptr()`` per region, and that no tensor is a lazy negative or
+        conjugate view (whose bytes are not its values: same address, shape, stride and dtype as
+        the plain tensor, so the signature alone cannot tell them apart).
         """
+        T = torch.Tensor
         return (
             self.signature.matches(tensors)
             and tokens == self.tokens
-            and list(map(torch.Tensor.data_ptr, self.src_views)) == self.src_ptrs
+            and list(map(T.data_ptr, self.src_views)) == self.src_ptrs
+            and not any(map(T.is_neg, tensors))
+            and not any(map(T.is_conj, map(tensors.__getitem__, self.complex_index)))
         )
 
     def release_sources(self) -> None:
@@ -341,6 +348,24 @@ def walk(
             walk(t, tokens, tensors, others, paths, f"{path}<{cls.__qualname__} tensor {i}>")
 
 
+def find_cycle(obj: Any) -> str | None:
+    """Key path of the first container that contains itself, or ``None`` (for error messages)."""
+    stack: list[tuple[Any, str, frozenset[int]]] = [(obj, "", frozenset())]
+    while stack:
+        o, path, ancestors = stack.pop()
+        if isinstance(o, dict):
+            items: Any = ((f"[{k!r}]", v) for k, v in o.items())
+        elif isinstance(o, (list, tuple)):
+            items = ((f"[{i}]", v) for i, v in enumerate(o))
+        else:
+            continue
+        if id(o) in ancestors:
+            return path or "<root>"
+        inner = ancestors | {id(o)}
+        stack.extend((v, path + k, inner) for k, v in items)
+    return None
+
+
 def rebuild(
     tokens: list[tuple],
     staged: list[torch.Tensor],
@@ -401,7 +426,11 @@ def _build(
     if kind == _TUPLE:
         return tuple(_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[1]))
     if kind == _NAMEDTUPLE:
-        return tok[1](*[_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[2])])
+        cls = tok[1]
+        values = [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[2])]
+        # _make, not cls(*values): a subclass may give __new__ another signature.
+        make = getattr(cls, "_make", None)
+        return make(values) if make is not None else cls(*values)
     if kind == _SUBTENSOR:
         i = next(ten_it)
         src = sources[i]
@@ -458,6 +487,11 @@ def _span_bytes(t: torch.Tensor) -> int:
 
 def _check_leaf(t: torch.Tensor, path: str) -> None:
     """Raise ``StagingInputError`` for a tensor this stager cannot stage faithfully."""
+    if t.is_nested:
+        raise StagingInputError(
+            path, f"nested tensors are not supported (dtype={t.dtype}, device={t.device})",
+            "stage its components (t.unbind()) or a padded tensor instead",
+        )
     described = f"(dtype={t.dtype}, shape={tuple(t.shape)}, device={t.device}, layout={t.layout})"
     if t.layout != torch.strided:
         raise StagingInputError(
@@ -612,6 +646,7 @@ def build_plan(
         alignment=alignment,
         src_views=src_views,
         src_ptrs=[v.data_ptr() for v in src_views],
+        complex_index=[i for i, t in enumerate(tensors) if t.is_complex()],
         devices=devices,
         cpu_index=cpu_index,
         cpu_src=[src_views[i] for i in cpu_index],

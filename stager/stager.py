@@ -21,13 +21,14 @@ then rebuilds the dict (step 4). CPU sources are copied on that thread.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -38,7 +39,7 @@ from stager.device import DeviceCopier, PendingCopy
 from stager.envs import CachePolicy, Mode
 from stager.headroom import HostDecision, decide_host, read_host, read_link
 from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
-from stager.plan import Plan, build_plan, gc_paused, rebuild, walk
+from stager.plan import Plan, build_plan, find_cycle, gc_paused, rebuild, walk
 from stager.stats import StageStats
 from stager.stats import record as record_stats
 
@@ -81,6 +82,8 @@ class GraphStager:
         self._executor: ThreadPoolExecutor | None = None
         self._future: Future | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition(threading.Lock())
+        self._active = 0  # stage()/stage_nowait() calls running now
         self.last_stats: StageStats | None = None
         """Statistics of the most recent ``stage()`` call."""
         self.plans_built = 0
@@ -113,14 +116,16 @@ class GraphStager:
             LeaseTimeoutError: the lease policy is ``wait`` and no arena came free in time.
             StagerClosedError: the stager was closed.
         """
-        if self._closed:
-            raise StagerClosedError("stage() called on a closed GraphStager; create a new one")
+        with self._call("stage"):
+            return self._stage(state_dict)
+
+    def _stage(self, state_dict: Any) -> Any:
         t0 = time.perf_counter()
         stats = StageStats()
-        plan, tensors, others = self._check_plan(state_dict, stats)
+        plan, tensors, tokens, others = self._check_plan(state_dict, stats)
         stats.plan_s = time.perf_counter() - t0
         if not self.config.async_staging:
-            staged = self._stage_into(plan, tensors, others, stats, t0)
+            staged = self._stage_into(plan, tensors, tokens, others, stats, t0)
             stats.blocked_s = time.perf_counter() - t0
             self._finish(stats)
             return staged
@@ -148,7 +153,7 @@ class GraphStager:
         def run() -> None:
             wanted = result.set_running_or_notify_cancel()  # False: cancelled, still finish and release
             try:
-                staged = self._stage_into(plan, tensors, others, stats, t0, staged_set, pending)
+                staged = self._stage_into(plan, tensors, tokens, others, stats, t0, staged_set, pending)
                 self._finish(stats)
             except BaseException as exc:
                 if wanted:
@@ -173,11 +178,13 @@ class GraphStager:
         (make the writing stream wait on the events first) and ``pending`` keeps them alive.
         CPU sources are copied before this returns. Ignores ``async_staging``.
         """
-        if self._closed:
-            raise StagerClosedError("stage_nowait() called on a closed GraphStager; create a new one")
+        with self._call("stage_nowait"):
+            return self._stage_nowait(state_dict)
+
+    def _stage_nowait(self, state_dict: Any) -> tuple[Any, PendingCopy | None]:
         t0 = time.perf_counter()
         stats = StageStats()
-        plan, tensors, others = self._check_plan(state_dict, stats)
+        plan, tensors, tokens, others = self._check_plan(state_dict, stats)
         stats.plan_s = time.perf_counter() - t0
         staged_set = self._acquire(plan, stats)
         pending: PendingCopy | None = None
@@ -191,7 +198,7 @@ class GraphStager:
                     raise
             self._copy_cpu(plan, staged_set)
             with gc_paused():
-                staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
+                staged = rebuild(tokens, staged_set.tensors, tensors, others)
         finally:
             # The staged dict now holds the lease; a later stage on the same device is queued on
             # the same side stream, behind these copies.
@@ -214,9 +221,12 @@ class GraphStager:
         Staged dicts already handed out stay valid (their memory lives as long as they do).
         Calling ``close()`` twice is harmless.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active:  # a stage() on another thread: let it finish with its plan
+                self._idle.wait()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -231,6 +241,20 @@ class GraphStager:
             self._plan.release_sources()
         self._plan = None
 
+    @contextlib.contextmanager
+    def _call(self, name: str) -> Iterator[None]:
+        """One ``stage()``/``stage_nowait()`` call: refused once closed, waited for by ``close()``."""
+        with self._idle:
+            if self._closed:
+                raise StagerClosedError(f"{name}() called on a closed GraphStager; create a new one")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
     def __enter__(self) -> "GraphStager":
         return self
 
@@ -244,11 +268,18 @@ class GraphStager:
         """The current plan (``None`` before the first ``stage()``)."""
         return self._plan
 
-    def _check_plan(self, state_dict: Any, stats: StageStats) -> tuple[Plan, list[torch.Tensor], list[Any]]:
+    def _check_plan(
+        self, state_dict: Any, stats: StageStats
+    ) -> tuple[Plan, list[torch.Tensor], list[tuple], list[Any]]:
+        """Walk ``state_dict``; return the plan to stage it with (re-planned when it changed), its
+        tensors, its structure tokens as walked now (equal to the plan's, but with this call's
+        key objects) and its other leaves."""
         with nvtx.range("stager/plan", self.config.nvtx):
             return self._check_plan_inner(state_dict, stats)
 
-    def _check_plan_inner(self, state_dict: Any, stats: StageStats) -> tuple[Plan, list[torch.Tensor], list[Any]]:
+    def _check_plan_inner(
+        self, state_dict: Any, stats: StageStats
+    ) -> tuple[Plan, list[torch.Tensor], list[tuple], list[Any]]:
         tokens: list[tuple] = []
         tensors: list[torch.Tensor] = []
         others: list[Any] = []
@@ -256,20 +287,27 @@ class GraphStager:
         with gc_paused():
             try:
                 walk(state_dict, tokens, tensors, others)
-            except StagingInputError:
-                plan = None  # walk again below, with key paths, for the error message
-            if plan is not None and plan.matches(tokens, tensors):
-                return plan, tensors, others
+                if plan is not None and plan.matches(tokens, tensors):
+                    return plan, tensors, tokens, others
+            except (StagingInputError, RecursionError, RuntimeError, NotImplementedError):
+                pass  # walked again below, with key paths: the error names the leaf
         # Walk again with key paths, validate every leaf, lay out a new arena.
         paths: list[str] = []
         tokens, tensors, others = [], [], []
-        walk(state_dict, tokens, tensors, others, paths)
+        try:
+            walk(state_dict, tokens, tensors, others, paths)
+        except RecursionError:
+            raise StagingInputError(
+                find_cycle(state_dict) or "<root>",
+                "the state dict contains itself (a cycle) or nests deeper than Python's recursion limit",
+                "remove the cycle",
+            ) from None
         new_plan = build_plan(
             tokens, tensors, paths, alignment=self.config.alignment, pack_threshold=self.config.pack_threshold
         )
         self._replace_plan(new_plan)
         stats.replanned = True
-        return new_plan, tensors, others
+        return new_plan, tensors, tokens, others
 
     def _replace_plan(self, plan: Plan) -> None:
         if self._future is not None and not self._future.done():
@@ -384,6 +422,7 @@ class GraphStager:
         self,
         plan: Plan,
         tensors: list[torch.Tensor],
+        tokens: list[tuple],
         others: list[Any],
         stats: StageStats,
         t0: float,
@@ -408,7 +447,7 @@ class GraphStager:
                 t1 = min(t1, pending.t0)
             stats.copy_s = time.perf_counter() - t1
             with gc_paused():
-                staged = rebuild(plan.tokens, staged_set.tensors, tensors, others)
+                staged = rebuild(tokens, staged_set.tensors, tensors, others)
         finally:
             if pending is not None:
                 pending.wait()  # never hand the set back while a copy may still write into it

@@ -491,6 +491,100 @@ def test_a_dict_of_flat_dicts_keeps_its_structure_ties_and_key_paths() -> None:
             stager.stage(sd)
 
 
+def _lazy_bit_swaps() -> list[Any]:
+    c = torch.randn(4, dtype=torch.complex64)
+    return [
+        pytest.param(lambda: c.imag, lambda: c.conj().imag, "negative", id="neg-view"),
+        pytest.param(lambda: c, lambda: c.conj(), "conjugate", id="conj-view"),
+    ]
+
+
+@pytest.mark.parametrize("plain, lazy, problem", _lazy_bit_swaps())
+def test_a_lazy_view_with_the_planned_signature_is_refused_not_staged_raw(plain: Any, lazy: Any, problem: str) -> None:
+    # Same data_ptr, shape, stride and dtype as the planned tensor: only the lazy bit differs,
+    # and the raw bytes are not the view's values.
+    with GraphStager() as stager:
+        stager.stage({"a": plain()})
+        with pytest.raises(StagingInputError, match=rf"\['a'\].*{problem}"):
+            stager.stage({"a": lazy()})
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        pytest.param(lambda: torch.randn(4).to_sparse(), "layout", id="sparse"),
+        pytest.param(lambda: torch.eye(2).to_sparse_csr(), "layout", id="csr"),
+        pytest.param(lambda: torch.nested.nested_tensor([torch.randn(2), torch.randn(3)]), "nested", id="nested"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:.*(beta|prototype):UserWarning")
+def test_storage_less_tensors_get_a_staging_error_with_or_without_a_plan(make: Any, problem: str) -> None:
+    with GraphStager() as stager:
+        with pytest.raises(StagingInputError, match=rf"\['x'\]\['a'\].*{problem}"):
+            stager.stage({"x": {"a": make()}})
+        stager.stage({"x": {"a": torch.randn(4)}})
+        with pytest.raises(StagingInputError, match=rf"\['x'\]\['a'\].*{problem}"):
+            stager.stage({"x": {"a": make()}})
+
+
+def test_keys_equal_across_types_come_back_with_this_calls_keys() -> None:
+    a, b = torch.ones(2), torch.zeros(2)
+    with GraphStager() as stager:
+        stager.stage({"state": {0: {"e": a}, 1: {"e": b}}})
+        out = stager.stage({"state": {False: {"e": a}, 1.0: {"e": b}}})
+        assert [type(k) for k in out["state"]] == [bool, float]
+        assert stager.plans_built == 1
+
+
+def test_a_namedtuple_with_its_own_constructor_is_rebuilt() -> None:
+    class Pair(collections.namedtuple("Pair", "a b")):
+        def __new__(cls, pair: tuple) -> "Pair":
+            return super().__new__(cls, *pair)
+
+    sd = {"x": Pair((torch.ones(2), 3))}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        assert type(out["x"]) is Pair and out["x"].b == 3
+        assert torch.equal(out["x"].a, sd["x"].a)
+
+
+def test_a_state_dict_that_contains_itself_is_refused_with_the_path() -> None:
+    inner: dict[str, Any] = {"w": torch.ones(2)}
+    inner["loop"] = [inner]
+    with GraphStager() as stager:
+        with pytest.raises(StagingInputError, match=r"\['m'\]\['loop'\]\[0\].*cycle"):
+            stager.stage({"m": inner})
+
+
+def test_close_on_another_thread_waits_for_a_stage_in_progress() -> None:
+    src = {f"t{i}": torch.full((20_000,), float(i)) for i in range(300)}
+    stager = GraphStager()
+    started, release = threading.Event(), threading.Event()
+    real_copy = stager._copy_cpu
+
+    def slow_copy(*args: Any) -> None:
+        started.set()
+        release.wait(10)
+        real_copy(*args)
+
+    stager._copy_cpu = slow_copy  # type: ignore[method-assign]
+    out: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: out.setdefault("staged", stager.stage(src)))
+    worker.start()
+    assert started.wait(10)
+    closer = threading.Thread(target=stager.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # close() waits for the stage in progress...
+    release.set()
+    worker.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    assert_same(src, out["staged"])  # ...which completes with its plan intact
+    with pytest.raises(StagerClosedError):
+        stager.stage(src)
+
+
 def test_many_small_cpu_tensors_are_copied_in_parallel_slices_bit_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     sd = {f"t{i}": random_tensor((i % 7 + 1,), ALL_DTYPES[i % len(ALL_DTYPES)], seed=i) for i in range(4100)}
     with GraphStager() as stager:
