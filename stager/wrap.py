@@ -21,9 +21,10 @@ How a checkpoint runs:
 * The state dict handed to the stager is built once from the live objects (the model's parameters
   and buffers with ``keep_vars=True``, the optimizer's own per-parameter state dicts) and handed
   over again on every checkpoint: no ``state_dict()`` round trip, so the stager's plan (and, on a
-  GPU, its captured graph) is replayed. It is rebuilt only when the optimizer's state changes (it
-  is created lazily by the first ``step()``; ``load_state_dict`` replaces it) or a parameter or
-  buffer object is replaced; hyperparameters (``lr``...) are refreshed on every checkpoint.
+  GPU, its captured graph) is replayed. It is rebuilt when a module, parameter, persistent buffer,
+  per-parameter optimizer state dict or param group was added, removed or replaced (see
+  :class:`_LiveState`); hyperparameters (``lr``...) and ``get_extra_state()`` are read again on
+  every checkpoint.
 * CPU: the stage is synchronous (the copy is complete when ``checkpoint()`` returns); the write
   runs in DCP's background thread.
 * GPU: when the stager can leave its device copies in flight (``GraphStager.stage_nowait``), the
@@ -52,7 +53,6 @@ import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, Callable
 
 import torch
@@ -66,6 +66,8 @@ from stager.stats import StageStats
 __all__ = ["CheckpointWriteError", "CheckpointRecord", "WrapHandle", "wrap", "checkpoint_layout", "load_checkpoint"]
 
 log = logging.getLogger("stager")
+
+_EXTRA_STATE = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
 
 @dataclass
@@ -90,33 +92,53 @@ def checkpoint_layout(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     return state
 
 
-def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create an optimizer's lazily created state with one zero-gradient, zero-lr step.
+def _checkpoint_optim_entries(path: str) -> set[tuple[int, str]]:
+    """``(parameter index, state key)`` of every optimizer state entry a checkpoint holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    entries: set[tuple[int, str]] = set()
+    for fqn in FileSystemReader(path).read_metadata().state_dict_metadata:
+        parts = fqn.split(".", 3)
+        if len(parts) == 4 and parts[0] == "optim" and parts[1] == "state" and parts[2].isdigit():
+            entries.add((int(parts[2]), parts[3].split(".", 1)[0]))
+    return entries
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer, indices: set[int]) -> None:
+    """Create an optimizer's lazily created state for the parameters (by ``state_dict`` index) in
+    ``indices`` that have none yet, with one zero-gradient, zero-lr step.
 
     A fresh optimizer has no state, so ``dcp.load`` into its ``state_dict()`` would find nothing
-    to fill. Parameters are left unchanged (zero lr; decoupled weight decay scales by ``1 - lr*wd``).
+    to fill. Only those parameters get a (zero) gradient for the step; every parameter's gradient
+    and every group's lr are put back afterwards, and the parameters are left unchanged (zero lr;
+    decoupled weight decay scales by ``1 - lr*wd``).
     """
-    if optimizer.state:
-        return
+    import inspect
+
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if any(p.grad is not None for p in params):
+    missing = [p for i, p in enumerate(params) if i in indices and not optimizer.state.get(p)]
+    if not missing:
         return
-    for p in params:
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    saved = []
-    for g in optimizer.param_groups:
-        lr = g.get("lr")
-        saved.append(lr)
-        if lr is not None:
-            g["lr"] = torch.zeros_like(lr) if isinstance(lr, torch.Tensor) else 0.0
+    grads = [p.grad for p in params]
+    lrs = [g.get("lr") for g in optimizer.param_groups]
     try:
-        optimizer.step()
+        for p in params:
+            p.grad = None
+        for p in missing:
+            p.grad = torch.zeros_like(p)
+        for g, lr in zip(optimizer.param_groups, lrs):
+            if lr is not None:
+                g["lr"] = torch.zeros_like(lr) if isinstance(lr, torch.Tensor) else 0.0
+        if "closure" in inspect.signature(optimizer.step).parameters:
+            optimizer.step(lambda: torch.zeros(()))  # LBFGS needs one; others accept it
+        else:
+            optimizer.step()
     finally:
-        for g, lr in zip(optimizer.param_groups, saved):
+        for g, lr in zip(optimizer.param_groups, lrs):
             if lr is not None:
                 g["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        for p, grad in zip(params, grads):
+            p.grad = grad
 
 
 def load_checkpoint(
@@ -128,15 +150,32 @@ def load_checkpoint(
 ) -> None:
     """Load a checkpoint written by :meth:`WrapHandle.checkpoint` into ``model`` (and ``optimizer``).
 
-    ``dcp.load`` into ``{"model": model.state_dict(), "optim": optimizer.state_dict()}`` (after
-    creating the optimizer's lazy state), then ``load_state_dict`` on both.
+    ``dcp.load`` into ``{"model": model.state_dict(), "optim": optimizer.state_dict()}``, then
+    ``load_state_dict`` on both. The optimizer's lazy state is first created for exactly the
+    parameters the checkpoint has state for (a parameter that never had a gradient has none).
+
+    Raises:
+        ValueError: the checkpoint holds optimizer state this optimizer's ``state_dict()`` has no
+            entry for (another optimizer class, or one whose state is created differently); it
+            would otherwise be left unloaded without a word.
     """
     import torch.distributed.checkpoint as dcp
 
+    path = os.fspath(path)
     if optimizer is not None:
-        _init_optimizer_state(optimizer)
+        wanted = _checkpoint_optim_entries(path)
+        _init_optimizer_state(optimizer, {i for i, _ in wanted})
+        have = {(i, k) for i, entry in optimizer.state_dict()["state"].items() for k in entry}
+        unplaced = sorted(wanted - have)
+        if unplaced:
+            shown = ", ".join(f"optim.state.{i}.{k}" for i, k in unplaced[:5])
+            more = f" and {len(unplaced) - 5} more" if len(unplaced) > 5 else ""
+            raise ValueError(
+                f"checkpoint {path!r} holds optimizer state that {type(optimizer).__name__}.state_dict() has no "
+                f"entry for: {shown}{more}; load it with the optimizer (and settings) it was saved with"
+            )
     state = checkpoint_layout(model, optimizer)
-    dcp.load(state, checkpoint_id=os.fspath(path), no_dist=no_dist)
+    dcp.load(state, checkpoint_id=path, no_dist=no_dist)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
@@ -146,7 +185,14 @@ def load_checkpoint(
 
 
 class _LiveState:
-    """The nested dict of live tensors handed to the stager: built once, rebuilt when stale."""
+    """The nested dict of live tensors handed to the stager: built once, rebuilt when stale.
+
+    Stale means any of: a module added, removed or replaced anywhere in the model; a parameter or
+    persistent buffer object replaced; the optimizer's state created, cleared or given new
+    per-parameter dicts (``load_state_dict``, ``state.clear()``, lazy creation); a param group
+    added. Checking costs one pass over the modules, their parameters and buffers, and the
+    optimizer's per-parameter dicts (identity comparisons, no tensor calls).
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         self.model = model
@@ -154,27 +200,31 @@ class _LiveState:
         self.state: dict[str, Any] | None = None
         self.rebuilds = 0
         """How many times the dict was (re)built."""
-        self._slots: list[tuple[dict, dict]] = []
-        self._values: list[Any] = []
-        self._opt_state: Any = None
-        self._opt_len = -1
+        self._objects: list[Any] = []
         self._groups: list[dict[str, Any]] = []
+        self._extra: list[tuple[str, torch.nn.Module]] = []
 
-    def _slot_values(self) -> list[Any]:
-        return list(chain.from_iterable(chain(p.values(), b.values()) for p, b in self._slots))
+    def _live_objects(self) -> list[Any]:
+        """Everything whose identity the built dict depends on, in a fixed order."""
+        objects: list[Any] = []
+        for m in self.model.modules():
+            objects.append(m)
+            objects.extend(m._parameters.values())
+            skip = m._non_persistent_buffers_set
+            objects.extend(b for n, b in m._buffers.items() if n not in skip)
+        opt = self.optimizer
+        if opt is not None:
+            objects.append(opt.state)
+            objects.extend(opt.state)  # parameters with state, in order
+            objects.extend(opt.state.values())  # their per-parameter dicts
+            objects.extend(opt.param_groups)
+        return objects
 
     def stale(self) -> bool:
         if self.state is None:
             return True
-        opt = self.optimizer
-        if opt is not None and (
-            opt.state is not self._opt_state
-            or len(opt.state) != self._opt_len
-            or len(opt.param_groups) != len(self._groups)
-        ):
-            return True
-        values = self._slot_values()
-        return len(values) != len(self._values) or not all(map(operator.is_, values, self._values))
+        objects = self._live_objects()
+        return len(objects) != len(self._objects) or not all(map(operator.is_, objects, self._objects))
 
     def build(self) -> None:
         model, opt = self.model, self.optimizer
@@ -184,22 +234,27 @@ class _LiveState:
             osd = opt.state_dict()
             state["optim"] = osd
             self._groups = osd["param_groups"]
-            self._opt_state = opt.state
-            self._opt_len = len(opt.state)
-        self._slots = [(m._parameters, m._buffers) for m in model.modules()]
-        self._values = self._slot_values()
+        base = torch.nn.Module.get_extra_state
+        keyed = ((f"{name}.{_EXTRA_STATE}" if name else _EXTRA_STATE, m) for name, m in model.named_modules())
+        self._extra = [(k, m) for k, m in keyed if type(m).get_extra_state is not base and k in state["model"]]
+        self._objects = self._live_objects()
         self.state = state
         self.rebuilds += 1
 
     def current(self) -> dict[str, Any]:
-        """The dict to stage now, with the optimizer's hyperparameters refreshed."""
+        """The dict to stage now, with the optimizer's hyperparameters and the modules' extra
+        state (``get_extra_state()``) refreshed."""
         if self.stale():
             self.build()
-        elif self.optimizer is not None:
-            for packed, group in zip(self._groups, self.optimizer.param_groups):
-                for k, v in group.items():
-                    if k != "params":
-                        packed[k] = v
+        else:
+            if self.optimizer is not None:
+                for packed, group in zip(self._groups, self.optimizer.param_groups):
+                    for k, v in group.items():
+                        if k != "params":
+                            packed[k] = v
+            model_state = self.state["model"]  # type: ignore[index]  # built above
+            for key, m in self._extra:
+                model_state[key] = m.get_extra_state()
         state: dict[str, Any] = self.state  # type: ignore[assignment]  # built above
         return state
 
@@ -337,6 +392,7 @@ class WrapHandle:
         self._pending: Any = None
         self._events: tuple[Any, ...] = ()
         self._last_staged: Any = None
+        self._lost_restore_point: str | None = None
         self._stats: StageStats | None = None
         self._waiter: ThreadPoolExecutor | None = None
         self.records: list[CheckpointRecord] = []
@@ -377,9 +433,15 @@ class WrapHandle:
         t0 = time.perf_counter()
         path = os.fspath(path)
         state = self._live.current()
-        # The previous staged copy is released here, so the lease policy sees only the writer's hold.
+        # The previous staged copy is released here, so the lease policy sees only the writer's
+        # hold (with one arena, holding it would keep this stage waiting for good).
         self._last_staged = None
-        staged, pending = self._stage(state)
+        try:
+            staged, pending = self._stage(state)
+        except BaseException as exc:
+            self._lost_restore_point = f"{type(exc).__name__}: {exc}"
+            raise
+        self._lost_restore_point = None
         events = _events_of(pending)
         if events:
             # Later copies queue behind earlier ones on the side stream: the newest covers all.
@@ -419,6 +481,12 @@ class WrapHandle:
         """
         self._check_open()
         if self._last_staged is None:
+            if self._lost_restore_point is not None:
+                raise RuntimeError(
+                    "restore(): the last checkpoint() failed while staging "
+                    f"({self._lost_restore_point[:300]}), and the earlier copy was released to make room for it; "
+                    "fix the cause and call checkpoint() again"
+                )
             raise RuntimeError("restore(): no checkpoint has been staged yet; call checkpoint() first")
         self._wait_staging()
         state = self._live.current()
@@ -512,6 +580,8 @@ class WrapHandle:
     def _write_done(self, fut: Future, record: CheckpointRecord, submitted: float) -> None:
         record.write_s = time.perf_counter() - submitted
         exc = CancelledError("the write was cancelled") if fut.cancelled() else fut.exception()
+        if exc is not None:
+            _drop_frames(exc)  # they hold the staged dict: its host arena would never be released
         with self._lock:
             if fut in self._inflight:
                 self._inflight.remove(fut)
@@ -532,6 +602,24 @@ class WrapHandle:
             f"writing checkpoint {path!r} failed in the background: {type(exc).__name__}: {exc}{more}; "
             "check that the path is writable and has space, then checkpoint again"
         ) from exc
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the tracebacks of ``exc``, its causes and (DCP's ``CheckpointException``) its
+    per-rank failures. A write's traceback holds DCP's frames, which hold the staged dict."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            for value in failures.values():
+                todo += list(value) if isinstance(value, tuple) else [value]
 
 
 def _wait_then_return(pending: Any, staged: Any) -> Any:

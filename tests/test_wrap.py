@@ -384,3 +384,171 @@ def test_device_plumbing_with_a_fake_gpu(tmp_path: Path, monkeypatch: pytest.Mon
         assert s.pendings[-1].done.is_set() and handle._events == ()
         handle.close()
     assert not model._forward_pre_hooks and not opt._optimizer_step_pre_hooks
+
+
+# ------------------------------------------------------------------------------ what makes the live dict stale
+
+
+def _load_model_part(path: Path, like: torch.nn.Module) -> dict[str, Any]:
+    state = {"model": like.state_dict()}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state["model"]
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_a_replaced_or_added_submodule_is_checkpointed_and_restored(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stager.wrap(model, opt) as handle:
+        handle.checkpoint(tmp_path / "c1").result()
+        model.head = torch.nn.Linear(4, 2)  # a new head (fine-tuning)
+        with torch.no_grad():
+            model.head.weight.fill_(7.0)
+        handle.checkpoint(tmp_path / "c2").result()
+        assert torch.equal(_load_model_part(tmp_path / "c2", _TwoHeads())["head.weight"], model.head.weight)
+        with torch.no_grad():
+            model.head.weight.fill_(9.0)
+        handle.restore()
+        assert bool((model.head.weight == 7.0).all())  # restored into the live head
+        model.extra = torch.nn.Linear(2, 2)
+        handle.checkpoint(tmp_path / "c3").result()
+    keys = dcp.FileSystemReader(str(tmp_path / "c3")).read_metadata().state_dict_metadata
+    assert "model.extra.weight" in keys
+
+
+def test_optimizer_state_cleared_and_recreated_is_checkpointed(tmp_path: Path) -> None:
+    model, opt = make()
+    with stager.wrap(model, opt) as handle:
+        train(model, opt, range(2))
+        handle.checkpoint(tmp_path / "c1").result()
+        opt.state.clear()  # reset the moments: same dict object, recreated per-parameter dicts
+        train(model, opt, range(2, 3))
+        handle.checkpoint(tmp_path / "c2").result()
+        expected = snapshot(model, opt)
+        train(model, opt, range(3, 4))
+        handle.restore()
+        assert_state_equal(layout(model, opt), expected)
+    assert_state_equal(load_fresh(tmp_path / "c2"), expected)
+
+
+class _Counter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x)
+
+    def get_extra_state(self) -> Any:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.calls = state["calls"]
+
+
+def test_extra_state_is_read_at_each_checkpoint(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(_Counter())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stager.wrap(model, opt) as handle:
+        for i in range(3):
+            model(torch.randn(1, 2)).sum().backward()
+            opt.step()
+            handle.checkpoint(tmp_path / f"c{i}").result()
+            assert _load_model_part(tmp_path / f"c{i}", torch.nn.Sequential(_Counter()))["0._extra_state"] == {"calls": i + 1}
+        assert handle.stager.plans_built == 1  # a new value, not a new structure: no re-plan
+
+
+def test_failed_writes_release_their_staged_copies(tmp_path: Path) -> None:
+    model, opt = make()
+    (tmp_path / "afile").write_text("")
+    with stager.wrap(model, opt, lease_policy="wait", max_arenas=1, lease_timeout=5) as handle:
+        for _ in range(3):
+            handle.checkpoint(tmp_path / "afile" / "ckpt")
+            with pytest.raises(CheckpointWriteError):
+                handle.wait()
+        # With one arena and the wait policy, a copy kept alive by a failed write would block here.
+        handle.checkpoint(tmp_path / "ok").result()
+        expected = snapshot(model, opt)
+    assert_state_equal(load_fresh(tmp_path / "ok"), expected)
+
+
+def test_a_checkpoint_that_fails_to_stage_says_so_on_restore(tmp_path: Path) -> None:
+    model, opt = make()
+    with stager.wrap(model, opt) as handle:
+        handle.checkpoint(tmp_path / "c1").result()
+        model.register_buffer("scratch", torch.empty(3, device="meta"))
+        with pytest.raises(stager.StagingInputError, match="scratch"):
+            handle.checkpoint(tmp_path / "c2")
+        del model._buffers["scratch"]
+        with pytest.raises(RuntimeError, match="last checkpoint\\(\\) failed while staging"):
+            handle.restore()
+
+
+# ------------------------------------------------------------------------------ load_checkpoint
+
+
+class _Unused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)  # never used: no gradient, no optimizer state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x)
+
+
+def _unused_run(path: Path, steps: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = _Unused()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with stager.wrap(model, opt) as handle:
+        for _ in range(steps):
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        handle.checkpoint(path)
+    return snapshot(model, opt)
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["before-the-first-step", "a-parameter-without-state"])
+@pytest.mark.parametrize("fresh_has_grads", [False, True], ids=["", "fresh-model-with-grads"])
+def test_load_checkpoint_restores_exactly_the_state_the_checkpoint_has(
+    tmp_path: Path, steps: int, fresh_has_grads: bool
+) -> None:
+    want = _unused_run(tmp_path / "c", steps)
+    model = _Unused()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if fresh_has_grads:
+        model(torch.randn(2, 4)).sum().backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    stager.load_checkpoint(tmp_path / "c", model, opt)
+    got = layout(model, opt)
+    assert sorted(got["optim"]["state"]) == sorted(want["optim"]["state"])
+    assert_state_equal(got, want) if steps else None
+    assert all(torch.equal(g, w) for g, w in zip(got["model"].values(), want["model"].values()))
+    for p, g in zip(model.parameters(), grads):  # the caller's gradients are left as they were
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+
+
+def test_load_checkpoint_refuses_state_it_cannot_place(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)  # has max_exp_avg_sq
+    with stager.wrap(model, opt) as handle:
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        handle.checkpoint(tmp_path / "c")
+    fresh = torch.nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        stager.load_checkpoint(tmp_path / "c", fresh, torch.optim.Adam(fresh.parameters(), lr=1e-2))
