@@ -86,7 +86,27 @@ def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor
             raise _mismatch(path, f"the staged copy has a {type(s).__name__} of length {len(s)} but the target has {got}")
         for i, (a, b) in enumerate(zip(s, t)):
             _match(a, b, f"{path}[{i}]", out)
+    elif isinstance(t, (Mapping, list, tuple)):
+        raise _mismatch(path, f"the staged copy has a {type(s).__name__} but the target has a {type(t).__name__}")
     # Any other leaf holds no tensor we restore (see the module docstring).
+
+
+def _writable_pair(s: torch.Tensor, t: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(source, target)`` views that copy ``s`` into ``t`` bit for bit.
+
+    A target broadcast along a dimension (stride 0, as ``expand`` makes) holds one element there:
+    both sides are narrowed to it. ``bool`` goes through ``uint8`` views, since a bool copy
+    normalises bytes other than 0 and 1. A target whose elements overlap otherwise cannot be
+    written element by element.
+    """
+    for d, (n, stride) in enumerate(zip(t.shape, t.stride())):
+        if stride == 0 and n > 1:
+            s, t = s.narrow(d, 0, 1), t.narrow(d, 0, 1)
+    if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        raise _mismatch(path, f"the target's elements overlap in memory ({_describe(t)}, stride={t.stride()})")
+    if t.dtype is torch.bool:
+        s, t = s.view(torch.uint8), t.view(torch.uint8)
+    return s, t
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -210,10 +230,11 @@ def restore_state(
     stats = StageStats(notes=["restore"])
     with nvtx.range("stager/restore", nvtx_enabled):
         matched = match_tensors(staged, into)
+        pairs_checked = [_writable_pair(s, t, path) for s, t, path in matched]
         cpu_src: list[torch.Tensor] = []
         cpu_dst: list[torch.Tensor] = []
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for s, t, _ in matched:
+        for s, t in pairs_checked:
             if t.device.type == "cpu":
                 cpu_src.append(s)
                 cpu_dst.append(t)

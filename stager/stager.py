@@ -515,8 +515,9 @@ class GraphStager:
     def restore(self, staged: Any, into: Any) -> StageStats:
         """Copy a staged dict back into the live tensors of ``into``, in place and bit-exact.
 
-        ``into`` has the structure of the state dict that was staged (its tensors are written;
-        non-tensor leaves are left alone). CPU targets: one ``_foreach_copy_``; CUDA targets: one
+        ``staged`` is what :meth:`stage` returned (a ``Future`` is waited for). ``into`` has the
+        structure of the state dict that was staged (its tensors are written; non-tensor leaves
+        are left alone). CPU targets: one ``_foreach_copy_``; CUDA targets: one
         host-to-device copy (from this stager's pinned arena when it holds the staged bytes) and
         one ``unpack_scatter`` launch. Returns the restore's :class:`StageStats`.
 
@@ -526,6 +527,8 @@ class GraphStager:
         """
         from stager.restore import restore_state
 
+        if isinstance(staged, Future):  # what stage() returns with async staging
+            staged = staged.result()
         arenas = [s.arena.tensor for s in self._sets]
         return restore_state(staged, into, nvtx_enabled=self.config.nvtx, host_buffers=arenas)
 

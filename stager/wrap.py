@@ -259,13 +259,23 @@ class _LiveState:
         return state
 
     def restore_groups(self, staged: dict[str, Any]) -> None:
-        """Set the optimizer's non-tensor hyperparameters to the staged values."""
+        """Set the optimizer's non-tensor hyperparameters and non-tensor per-parameter state
+        (an ``int`` step, LBFGS's counters) to the staged values."""
         if self.optimizer is None or "optim" not in staged:
             return
-        for packed, group in zip(staged["optim"].get("param_groups", ()), self.optimizer.param_groups):
+        opt = self.optimizer
+        for packed, group in zip(staged["optim"].get("param_groups", ()), opt.param_groups):
             for k, v in packed.items():
                 if k != "params" and not isinstance(group.get(k), torch.Tensor):
                     group[k] = copy.deepcopy(v)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for index, entry in staged["optim"].get("state", {}).items():
+            live = opt.state.get(params[index]) if isinstance(index, int) and index < len(params) else None
+            if live is None:
+                continue
+            for k, v in entry.items():
+                if not isinstance(v, torch.Tensor) and not isinstance(live.get(k), torch.Tensor):
+                    live[k] = copy.deepcopy(v)
 
 
 # ------------------------------------------------------------------------------------ plumbing

@@ -187,3 +187,49 @@ def test_restore_packed_unpacks_every_byte_and_nothing_else(from_arena: bool) ->
         lo = t.data_ptr() - pool.data_ptr()
         touched[lo : lo + t.numel() * t.element_size()] = True
     assert torch.equal(pool[~touched], before[~touched])
+
+
+# ------------------------------------------------------------------------------ awkward targets
+
+
+def test_restore_into_a_broadcast_target_and_bool_bytes_is_bit_exact() -> None:
+    sd = {
+        "a": torch.arange(3.0),
+        "exp": torch.ones(1, 3).expand(4, 3),  # stride 0: one row in memory
+        "b": torch.tensor([1, 2, 255], dtype=torch.uint8).view(torch.bool),  # bytes other than 0/1
+    }
+    want = {k: v.clone() for k, v in sd.items()}
+    with GraphStager() as stager:
+        staged = stager.stage(sd)
+        sd["a"].zero_()
+        sd["exp"].untyped_storage().fill_(0)
+        sd["b"].view(torch.uint8).zero_()
+        stager.restore(staged, sd)
+    assert torch.equal(sd["a"], want["a"]) and torch.equal(sd["exp"], want["exp"])
+    assert sd["b"].view(torch.uint8).tolist() == [1, 2, 255]
+
+
+def test_restore_into_overlapping_windows_is_bit_exact() -> None:
+    base = torch.arange(6.0)
+    sd = {"a": torch.arange(3.0), "win": base.as_strided((3, 3), (1, 1))}  # overlapping windows
+    want = {k: v.clone() for k, v in sd.items()}
+    with GraphStager() as stager:
+        staged = stager.stage(sd)
+        sd["a"].zero_()
+        base.zero_()
+        stager.restore(staged, sd)
+    assert torch.equal(sd["a"], want["a"]) and torch.equal(sd["win"], want["win"])
+
+
+def test_restore_takes_the_future_of_an_async_stage_and_refuses_a_leaf_for_a_container() -> None:
+    model = torch.nn.Linear(4, 4)
+    with GraphStager(async_staging=True) as stager:
+        staged = stager.stage(model.state_dict())
+        staged.result()  # staging done: the source may change (the Future goes to restore)
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.weight.add_(1)
+        assert stager.restore(staged, model.state_dict()).tensors == 2
+        assert torch.equal(model.weight, want["weight"])
+        with pytest.raises(RestoreMismatchError, match=r"\['a'\]"):
+            stager.restore({"a": None}, {"a": {"w": torch.zeros(1)}})

@@ -552,3 +552,39 @@ def test_load_checkpoint_refuses_state_it_cannot_place(tmp_path: Path) -> None:
     fresh = torch.nn.Linear(3, 1)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         stager.load_checkpoint(tmp_path / "c", fresh, torch.optim.Adam(fresh.parameters(), lr=1e-2))
+
+
+class _IntStepSGD(torch.optim.Optimizer):
+    """Keeps an ``int`` step in its per-parameter state (as some optimizers do)."""
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state[p]
+                st["step"] = st.get("step", 0) + 1
+                p.add_(p.grad, alpha=-g["lr"] / st["step"])
+
+
+def test_restore_rolls_back_non_tensor_optimizer_state(tmp_path: Path) -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = _IntStepSGD(model.parameters(), lr=0.1)
+
+    def step() -> None:
+        model(torch.randn(1, 2)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    with stager.wrap(model, opt) as handle:
+        step()
+        step()
+        handle.checkpoint(tmp_path / "c")
+        weight = model.weight.detach().clone()
+        for _ in range(3):
+            step()
+        handle.restore()
+        assert torch.equal(model.weight, weight)
+        assert opt.state[model.weight]["step"] == 2
