@@ -484,6 +484,8 @@ class StagedSet:
         self.cached = cached
         self.in_flight = False
         self.handed_out = False
+        self.pending: Any = None
+        """Device copies into this set that may still be running (``stage_nowait``), or ``None``."""
         self._lock = threading.Lock()
         self.bases: list[torch.Tensor] = []
         """One uint8 tensor per region, over the region's own storage (copy destinations)."""
@@ -527,6 +529,10 @@ class StagedSet:
         """
         if self.in_flight:
             return True
+        if self.pending is not None:
+            if not self.pending.query():
+                return True  # a device copy may still write into the arena
+            self.pending = None
         if _storage_use_count is None and self.handed_out:
             return True
         return self._counts() != self._baseline

@@ -201,7 +201,10 @@ class GraphStager:
                 staged = rebuild(tokens, staged_set.tensors, tensors, others)
         finally:
             # The staged dict now holds the lease; a later stage on the same device is queued on
-            # the same side stream, behind these copies.
+            # the same side stream, behind these copies. Should the dict be dropped before they
+            # complete, the set still counts as leased until they have (a new plan must not
+            # take its arena while they may write into it).
+            staged_set.pending = pending
             staged_set.done()
         stats.nbytes = plan.nbytes
         stats.tensors = len(plan.leaves)

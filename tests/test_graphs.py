@@ -867,7 +867,7 @@ def gated_device(monkeypatch: pytest.MonkeyPatch) -> Any:
 
             class GatedEvent:
                 def __init__(self, plan: Plan, staged_set: StagedSet, idx: list[int]) -> None:
-                    self.args = (plan, staged_set, idx)
+                    self.args = (plan.src_views, staged_set, idx)  # as the copier keeps them
 
                 def query(self) -> bool:
                     return gate.open.is_set()
@@ -876,9 +876,9 @@ def gated_device(monkeypatch: pytest.MonkeyPatch) -> Any:
                     if self.args is None:
                         return
                     assert gate.open.wait(10), "the gate was never opened"
-                    plan, staged_set, idx = self.args
+                    src_views, staged_set, idx = self.args
                     for i in idx:
-                        staged_set.bases[i].copy_(plan.src_views[i])
+                        staged_set.bases[i].copy_(src_views[i])
                     gate.copied += 1
                     self.args = None
 
@@ -937,6 +937,24 @@ def test_stage_nowait_returns_the_dict_with_the_device_copies_in_flight(gated_de
         pending.wait()
         assert pending.query() and gated_device.copied == 1
         _assert_same(sd, staged)
+
+
+def test_an_arena_with_copies_in_flight_is_not_reused_even_once_its_dict_is_dropped(gated_device: Any) -> None:
+    sd = _state_dict(9)
+    with GraphStager(cache_policy="cached", lease_policy="allocate", max_arenas=4) as stager:
+        gated_device.install(stager)
+        staged, pending = stager.stage_nowait(sd)
+        first = stager._sets[0]
+        del staged  # dropped before its device copies completed
+        assert first.leased()  # the queued copies may still write into its arena
+        sd["extra"] = torch.ones(3)  # a new plan, which would take free arenas as spares
+        gated_device.open.set()
+        out, pending2 = stager.stage_nowait(sd)
+        assert first.arena not in [s.arena for s in stager._sets]
+        pending.wait()
+        pending2.wait()
+        _assert_same(sd, out)
+        assert not first.leased()  # the copies completed: free again
 
 
 def test_stage_nowait_on_the_cpu_has_nothing_in_flight() -> None:
