@@ -474,7 +474,13 @@ def _make_leaf(leaf: "Leaf", storages: list[torch.UntypedStorage]) -> torch.Tens
 
 
 class StagedSet:
-    """The staged tensors of ``plan`` over ``arena``, built once and leased per ``stage()``."""
+    """The staged tensors of ``plan`` over ``arena``, built once and leased per ``stage()``.
+
+    The set's own tensors are never handed out: each ``stage()`` gets new tensor objects over the
+    same storages (:meth:`handout`), so nothing a holder does to its tensors (``resize_``, ``t_``,
+    ``set_``, ``requires_grad_``, ``.grad``, attributes) reaches a later staged dict, and every
+    handed-out tensor counts as a use of its storage for as long as it lives (the lease).
+    """
 
     def __init__(self, plan: "Plan", arena: HostArena, *, cached: bool) -> None:
         if arena.nbytes < plan.arena_bytes:
@@ -500,6 +506,10 @@ class StagedSet:
         self._storages = storages
         self._cdata = [s._cdata for s in storages]
         self._baseline = self._counts()
+
+    def handout(self) -> list[torch.Tensor]:
+        """New tensors over the staged storages, one per leaf, with the planned metadata."""
+        return list(map(torch.Tensor.detach, self.tensors))
 
     def cpu_parts(self, parts: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
         """The CPU regions' ``(destinations, sources)`` split into ``parts`` consecutive slices."""

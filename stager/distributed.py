@@ -581,7 +581,7 @@ class Replicator:
                 stats.received_bytes = recv_view.numel()
                 _, others_in, refs = peer_in.others
                 # rebuild() deep-copies objects with memo {id(ref i): staged tensor i}.
-                replica = rebuild(inbound.plan.tokens, in_set.tensors, refs, others_in)
+                replica = rebuild(inbound.plan.tokens, in_set.handout(), refs, others_in)
         finally:
             if in_set is not None:
                 in_set.done()

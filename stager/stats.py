@@ -48,6 +48,9 @@ class StageStats:
     waited_s: float = 0.0
     """Time spent waiting for a held arena to come free."""
     copy_s: float = 0.0
+    """From the first copy queued to the last one complete, as the host sees it (device copies
+    are waited for after the staged dict is built, so a dict that takes longer to build than
+    the copies take to run adds to this)."""
     gbps: float = 0.0
     """``nbytes`` / ``copy_s`` in GB/s (10^9 bytes per second)."""
     link_fraction: float | None = None

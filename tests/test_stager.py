@@ -289,6 +289,39 @@ def test_a_moved_source_span_forces_a_replan() -> None:
         assert_same(sd, out)
 
 
+def _tamper(t: torch.Tensor) -> None:
+    t.t_()
+    t.requires_grad_(True)
+    t.grad = torch.ones_like(t)
+    t.note = "x"  # type: ignore[attr-defined]
+
+
+def test_what_a_holder_did_to_its_staged_tensors_never_reaches_the_next_stage() -> None:
+    sd = {"w": torch.arange(6.0).reshape(2, 3), "v": torch.arange(4.0)}
+    with GraphStager(cache_policy="cached", max_arenas=1, lease_policy="wait", lease_timeout=5) as stager:
+        out = stager.stage(sd)
+        _tamper(out["w"])
+        out["v"].resize_(0)
+        del out
+        again = stager.stage(sd)  # the same arena: released above
+        assert stager.last_stats.arena == "cached"
+        assert_same(sd, again)
+        assert not again["w"].requires_grad and again["w"].grad is None and not hasattr(again["w"], "note")
+
+
+def test_a_storage_kept_through_set_still_holds_the_lease() -> None:
+    sd = {"w": torch.arange(4.0)}
+    with GraphStager(cache_policy="auto", max_arenas=1, lease_policy="allocate") as stager:
+        out = stager.stage(sd)
+        held = torch.empty(0).set_(out["w"].untyped_storage(), 0, (4,), (1,))
+        out["w"].set_(torch.empty(0))  # gives up its own use of the storage
+        del out
+        sd["w"].fill_(-7.0)
+        again = stager.stage(sd)
+        assert held.tolist() == [0.0, 1.0, 2.0, 3.0]  # the held copy was not overwritten
+        assert again["w"].tolist() == [-7.0] * 4
+
+
 def test_lists_of_scalars_are_snapshots_and_their_values_never_force_a_replan() -> None:
     group = {"params": [0, 1, 2], "betas": (0.9, 0.999), "lr": 1e-3, "mixed": [1, "a", None, 2.5]}
     sd = {"w": torch.randn(3), "param_groups": [group]}
