@@ -306,7 +306,14 @@ def prepare_table(
         scatter_conflict = _scatter_conflict(host)
     rows = _launch_rows(host)
     packed = _packed_end(host)
-    blocks = rows.to(device) if device.type != "cpu" else rows
+    if device.type == "cuda":
+        # From pinned memory, without blocking: a pageable copy would first wait on the host for
+        # everything already queued on the current stream (an earlier checkpoint's copies, and the
+        # training work they wait for). Torch's pinned-memory cache keeps the host block until
+        # the copy has run.
+        blocks = rows.pin_memory().to(device, non_blocking=True)
+    else:
+        blocks = rows.to(device) if device.type != "cpu" else rows
     return PackTable(
         regions=host,
         blocks=blocks,

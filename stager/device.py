@@ -49,7 +49,8 @@ log = logging.getLogger("stager")
 CHUNK_SLOTS = 2
 """Device chunks the packed runs cycle through (the ring)."""
 _LOW_PRIORITY = 0
-"""CUDA stream priorities run from 0 (lowest, the default) to negative numbers (higher)."""
+"""CUDA stream priorities run from 0 (lowest, and the default) to negative numbers (higher): the
+side stream ranks below a training stream only if that one was created with a higher priority."""
 
 _EXECUTOR_RANK = {"cpu": 0, "eager": 1, "graph-replay": 2, "graph-capture": 3}
 

@@ -6,17 +6,20 @@ optimizer's ``state_dict()``, or the nested dict ``wrap`` stages) by key path, c
 structures match, and copies every staged tensor into its live counterpart:
 
 * live CPU tensors: one ``torch._foreach_copy_``;
-* live CUDA tensors (per device): the staged bytes go to the device in *one* host-to-device copy
-  and one ``unpack_scatter`` launch writes them to the live addresses. When the staged tensors lie
-  in one host buffer the stager knows (its pinned arena), that buffer's span is the source and no
-  host copy is made; otherwise the bytes are first packed on the host. Live tensors that are not
-  contiguous, or whose bytes partly overlap another live tensor, are copied one by one instead.
+* live CUDA tensors (per device): tensors under the pack threshold go to the device in runs of
+  at most one chunk (``STAGER_CHUNK_SIZE``), each one host-to-device copy into one reused device
+  buffer and one ``unpack_scatter`` launch to the live addresses; so a restore allocates one chunk
+  of device memory, not the size of the state. When a run lies in one host buffer the stager knows
+  (its pinned arena), that buffer's span is the source and no host copy is made; otherwise the
+  bytes are first packed on the host. Larger tensors, tensors that are not contiguous, and those
+  whose bytes partly overlap another live tensor are copied one by one, straight from the host.
   Restore is eager (no CUDA graph: a rollback is rare, and the table is built per call) and ends
   with the current stream synchronized, so the live tensors hold the staged bytes when it returns.
 
 Only tensors are restored. Non-tensor leaves (an optimizer's ``lr``, a step counter stored as an
 ``int``) cannot be written in place; the caller restores them (``WrapHandle.restore`` restores the
-optimizer's hyperparameters). Tensors inside arbitrary objects are not restored.
+optimizer's hyperparameters and non-tensor state). Tensors inside arbitrary objects are not
+restored.
 """
 
 from __future__ import annotations
@@ -173,33 +176,66 @@ def _host_source(
     return packed, offsets
 
 
+def _batches(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], max_bytes: int
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Consecutive runs of ``pairs`` of at most ``max_bytes`` (aligned) each (a larger pair alone)."""
+    out: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    run: list[tuple[torch.Tensor, torch.Tensor]] = []
+    size = 0
+    for s, t in pairs:
+        n = (_nbytes(t) + _ALIGN - 1) // _ALIGN * _ALIGN
+        if run and size + n > max_bytes:
+            out.append(run)
+            run, size = [], 0
+        run.append((s, t))
+        size += n
+    if run:
+        out.append(run)
+    return out
+
+
 def _restore_packed(
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     host_buffers: Sequence[torch.Tensor] = (),
+    *,
+    pack_threshold: int = 1 << 20,
+    chunk_bytes: int = 64 << 20,
 ) -> tuple[int, int]:
-    """Copy host ``staged`` tensors into live tensors on ``device``: one transfer, one unpack launch.
+    """Copy host ``staged`` tensors into live tensors on ``device``.
 
-    Returns ``(regions unpacked, tensors copied one by one)``. The copies are queued on the current
-    stream of ``device``; the caller synchronizes.
+    Contiguous tensors of ``pack_threshold`` bytes or more are copied straight from the host (a
+    pinned arena makes that one DMA each). Smaller ones go through one device buffer of at most
+    ``chunk_bytes``, in runs: one host-to-device copy and one ``unpack_scatter`` launch per run. So
+    the device memory a restore needs is one chunk, not the size of the state. Returns
+    ``(regions unpacked, tensors copied one by one)``. The copies are queued on the current
+    stream of ``device``, in order (the buffer is reused run after run); the caller synchronizes.
     """
     from stager.kernels import prepare_table, table_from_triples, unpack_scatter
 
     fast, slow = _split_packable(pairs)
-    if fast:
-        staged = [s for s, _ in fast]
+    small = [(s, t) for s, t in fast if _nbytes(t) < pack_threshold]
+    slow = [(s, t) for s, t in fast if _nbytes(t) >= pack_threshold] + slow
+    runs = _batches(small, chunk_bytes)
+    buf: torch.Tensor | None = None
+    for run in runs:
+        staged = [s for s, _ in run]
         src, offsets = _host_source(staged, host_buffers)
-        table = table_from_triples((t.data_ptr(), o, _nbytes(t)) for (_, t), o in zip(fast, offsets))
-        # The launch table goes to the device first: its copy is from pageable memory (the CPU
-        # waits for the stream), which behind the bulk copy would wait for all of that too.
+        if src.numel() > chunk_bytes:  # an arena span with other regions in between: pack instead
+            src, offsets = _host_source(staged, ())
+        table = table_from_triples((t.data_ptr(), o, _nbytes(t)) for (_, t), o in zip(run, offsets))
         prepared = prepare_table(table, device)
-        buf = torch.empty(src.numel(), dtype=torch.uint8, device=device)
-        buf.copy_(src, non_blocking=src.is_pinned() if device.type == "cuda" else False)
-        unpack_scatter(prepared, buf)
+        if buf is None or buf.numel() < src.numel():  # (a run of one tensor may exceed a chunk)
+            total = sum(_nbytes(t) + _ALIGN for _, t in small)
+            buf = torch.empty(max(min(chunk_bytes, total), src.numel()), dtype=torch.uint8, device=device)
+        part = buf[: src.numel()]
+        part.copy_(src, non_blocking=src.is_pinned() if device.type == "cuda" else False)
+        unpack_scatter(prepared, part)
     with torch.no_grad():
         for s, t in slow:
             t.copy_(s, non_blocking=device.type == "cuda")
-    return len(fast), len(slow)
+    return len(small), len(slow)
 
 
 def restore_state(
@@ -208,6 +244,8 @@ def restore_state(
     *,
     nvtx_enabled: bool = False,
     host_buffers: Sequence[torch.Tensor] = (),
+    pack_threshold: int = 1 << 20,
+    chunk_bytes: int = 64 << 20,
 ) -> StageStats:
     """Copy every tensor of ``staged`` into the matching tensor of ``into``, in place.
 
@@ -217,7 +255,11 @@ def restore_state(
             (parameters included; autograd is not involved).
         nvtx_enabled: mark the restore as the NVTX range ``stager/restore``.
         host_buffers: host ``uint8`` buffers that may contain the staged bytes (the stager's
-            arenas); one that holds them all is sent to the device without a host copy.
+            arenas); a run of small tensors inside one is sent to the device without a host copy.
+        pack_threshold: CUDA targets this size or larger are copied one by one, straight from
+            the host; smaller ones are unpacked on the device.
+        chunk_bytes: the device buffer the small ones go through, run by run (the most device
+            memory a restore allocates).
 
     Returns:
         A :class:`StageStats` (``executor`` ``restore-cpu`` or ``restore-unpack``).
@@ -254,7 +296,9 @@ def restore_state(
                 single += len(pairs)
                 continue
             with torch.cuda.device(device):
-                n_fast, n_slow = _restore_packed(pairs, device, host_buffers)
+                n_fast, n_slow = _restore_packed(
+                    pairs, device, host_buffers, pack_threshold=pack_threshold, chunk_bytes=chunk_bytes
+                )
                 torch.cuda.current_stream(device).synchronize()
             regions += n_fast
             single += n_slow

@@ -523,9 +523,10 @@ class GraphStager:
 
         ``staged`` is what :meth:`stage` returned (a ``Future`` is waited for). ``into`` has the
         structure of the state dict that was staged (its tensors are written; non-tensor leaves
-        are left alone). CPU targets: one ``_foreach_copy_``; CUDA targets: one
-        host-to-device copy (from this stager's pinned arena when it holds the staged bytes) and
-        one ``unpack_scatter`` launch. Returns the restore's :class:`StageStats`.
+        are left alone). CPU targets: one ``_foreach_copy_``; CUDA targets: small tensors in runs
+        of one chunk (one host-to-device copy from this stager's pinned arena and one
+        ``unpack_scatter`` launch each), larger ones copied straight from the arena. Returns the
+        restore's :class:`StageStats`.
 
         Raises:
             RestoreMismatchError: (a ``ValueError``) structure, shape or dtype differ, naming the
@@ -536,7 +537,11 @@ class GraphStager:
         if isinstance(staged, Future):  # what stage() returns with async staging
             staged = staged.result()
         arenas = [s.arena.tensor for s in self._sets]
-        return restore_state(staged, into, nvtx_enabled=self.config.nvtx, host_buffers=arenas)
+        cfg = self.config
+        return restore_state(
+            staged, into, nvtx_enabled=cfg.nvtx, host_buffers=arenas,
+            pack_threshold=cfg.pack_threshold, chunk_bytes=cfg.chunk_size,
+        )
 
     def _finish(self, stats: StageStats) -> None:
         if stats.copy_s > 0:

@@ -154,9 +154,20 @@ def test_split_packable_dedupes_tied_and_isolates_overlaps() -> None:
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
-@pytest.mark.parametrize("from_arena", [True, False], ids=["arena-span", "host-packed"])
-def test_restore_packed_unpacks_every_byte_and_nothing_else(from_arena: bool) -> None:
-    """``_restore_packed`` (the CUDA path's core) on CPU tensors: one buffer, one unpack_scatter."""
+@pytest.mark.parametrize(
+    "from_arena, limits, counts",
+    [
+        pytest.param(True, {}, (5, 1), id="arena-span"),
+        pytest.param(False, {}, (5, 1), id="host-packed"),
+        pytest.param(True, {"chunk_bytes": 64}, (5, 1), id="runs-of-one-small-chunk"),
+        pytest.param(True, {"pack_threshold": 64}, (3, 3), id="large-ones-copied-directly"),
+    ],
+)
+def test_restore_packed_unpacks_every_byte_and_nothing_else(
+    from_arena: bool, limits: dict[str, int], counts: tuple[int, int]
+) -> None:
+    """``_restore_packed`` (the CUDA path's core) on CPU tensors: runs through one buffer, each
+    one unpack_scatter; tensors over the threshold copied directly."""
     g = torch.Generator().manual_seed(1)
     pool = torch.full((4096,), 0xA5, dtype=torch.uint8)  # live tensors live inside a poisoned pool
     shapes = [(3,), (5, 7), (1,), (33,), (2, 2, 2)]
@@ -178,8 +189,8 @@ def test_restore_packed_unpacks_every_byte_and_nothing_else(from_arena: bool) ->
         staged[-2] = staged[1]
         before = pool.clone()
         buffers = [s.arena.tensor for s in stager._sets] if from_arena else []
-        n_fast, n_slow = _restore_packed(list(zip(staged, live)), torch.device("cpu"), buffers)
-    assert (n_fast, n_slow) == (5, 1)
+        n_fast, n_slow = _restore_packed(list(zip(staged, live)), torch.device("cpu"), buffers, **limits)
+    assert (n_fast, n_slow) == counts
     for s, t in zip(staged, live):  # random bytes include NaNs: compare bytes
         assert torch.equal(t.contiguous().reshape(-1).view(torch.uint8), s.contiguous().reshape(-1).view(torch.uint8))
     touched = torch.zeros(4096, dtype=torch.bool)
