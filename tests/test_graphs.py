@@ -606,6 +606,21 @@ def _pinned_set(plan: Plan, cached: bool = True) -> StagedSet:
     return staged_set
 
 
+def _plans_on_gpu0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the stager's plans count every region as on ``cuda:0`` (the fake device)."""
+    import stager.stager as stager_module
+
+    real_build = stager_module.build_plan
+
+    def on_gpu0(*args: Any, **kwargs: Any) -> Plan:
+        plan = real_build(*args, **kwargs)
+        plan.device_regions = {GPU0: list(plan.cpu_index)}
+        plan.cpu_index, plan.cpu_src = [], []
+        return plan
+
+    monkeypatch.setattr(stager_module, "build_plan", on_gpu0)
+
+
 def _move_source(plan: Plan, i: int, view: torch.Tensor) -> None:
     """Region ``i``'s source now lives in ``view``, as a plan built after a move would record it
     (the stager's plan check is what finds a move; the copier keys graphs by ``plan.src_ptrs``)."""
@@ -648,20 +663,12 @@ def test_a_source_freed_and_replaced_is_replanned_and_recaptured_through_the_sta
     # and the copier captures a graph over the new sources, then replays it.
     import stager.stager as stager_module
 
-    real_build = stager_module.build_plan
-
-    def on_device(*args: Any, **kwargs: Any) -> Plan:
-        plan = real_build(*args, **kwargs)
-        plan.device_regions = {GPU0: list(plan.cpu_index)}
-        plan.cpu_index, plan.cpu_src = [], []
-        return plan
-
     class Registered(HostArena):  # as if registered with CUDA: graphs are allowed
         def __init__(self, nbytes: int, **kw: Any) -> None:
             super().__init__(nbytes, **{**kw, "pinned": False})
             self.pinned = True
 
-    monkeypatch.setattr(stager_module, "build_plan", on_device)
+    _plans_on_gpu0(monkeypatch)
     monkeypatch.setattr(stager_module, "HostArena", Registered)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     sd: dict[str, torch.Tensor] = {f"t{i}": raw(300 + i, i) for i in range(8)}
@@ -844,17 +851,7 @@ def gated_device(monkeypatch: pytest.MonkeyPatch) -> Any:
     when the test opens the gate (as if the caller's stream were still busy)."""
     import threading
 
-    import stager.stager as stager_module
-
-    real_build = stager_module.build_plan
-
-    def build(*args: Any, **kwargs: Any) -> Plan:
-        plan = real_build(*args, **kwargs)
-        plan.device_regions = {GPU0: list(plan.cpu_index)}
-        plan.cpu_index, plan.cpu_src = [], []
-        return plan
-
-    monkeypatch.setattr(stager_module, "build_plan", build)
+    _plans_on_gpu0(monkeypatch)
 
     class Gate:
         def __init__(self) -> None:
