@@ -74,6 +74,8 @@ def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor
         if t.device.type == "meta":
             raise _mismatch(path, f"the target is a meta tensor ({_describe(t)}) with no memory to restore into")
         out.append((s, t, path))
+    elif not (holds_tensor(s) or holds_tensor(t)):
+        return  # no tensor on either side: nothing to restore here, whatever its shape
     elif isinstance(s, Mapping):
         if not isinstance(t, Mapping):
             raise _mismatch(path, f"the staged copy has a {type(s).__name__} but the target has {type(t).__name__}")
@@ -92,6 +94,17 @@ def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor
     elif isinstance(t, (Mapping, list, tuple)):
         raise _mismatch(path, f"the staged copy has a {type(s).__name__} but the target has a {type(t).__name__}")
     # Any other leaf holds no tensor we restore (see the module docstring).
+
+
+def holds_tensor(obj: Any) -> bool:
+    """Whether ``obj`` is a tensor or a dict, list or tuple with a tensor somewhere inside."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(map(holds_tensor, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return any(map(holds_tensor, obj))
+    return False
 
 
 def _writable_pair(s: torch.Tensor, t: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:

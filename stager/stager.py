@@ -252,7 +252,10 @@ class GraphStager:
                 raise StagerClosedError(f"{name}() called on a closed GraphStager; create a new one")
             self._active += 1
         try:
-            yield
+            # Arenas, chunks and staged tensors made inside torch.inference_mode() would be
+            # inference tensors, which no later stage outside it may write or hand out.
+            with torch.inference_mode(False):
+                yield
         finally:
             with self._idle:
                 self._active -= 1

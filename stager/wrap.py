@@ -60,6 +60,7 @@ import torch
 from stager import nvtx
 from stager.config import StagerConfig
 from stager.errors import CheckpointWriteError, StagerClosedError
+from stager.restore import holds_tensor
 from stager.stager import GraphStager
 from stager.stats import StageStats
 
@@ -175,6 +176,14 @@ def load_checkpoint(
                 f"entry for: {shown}{more}; load it with the optimizer (and settings) it was saved with"
             )
     state = checkpoint_layout(model, optimizer)
+    if optimizer is not None:
+        # Ask only for the entries the checkpoint has; load_state_dict then leaves the optimizer
+        # with exactly those (state it had for other parameters is dropped, as with torch.load).
+        state["optim"]["state"] = {
+            i: {k: v for k, v in entry.items() if (i, k) in wanted}
+            for i, entry in state["optim"]["state"].items()
+            if any((i, k) in wanted for k in entry)
+        }
     dcp.load(state, checkpoint_id=path, no_dist=no_dist)
     model.load_state_dict(state["model"])
     if optimizer is not None:
@@ -235,7 +244,10 @@ class _LiveState:
             state["optim"] = osd
             self._groups = osd["param_groups"]
         base = torch.nn.Module.get_extra_state
-        keyed = ((f"{name}.{_EXTRA_STATE}" if name else _EXTRA_STATE, m) for name, m in model.named_modules())
+        keyed = (
+            (f"{name}.{_EXTRA_STATE}" if name else _EXTRA_STATE, m)
+            for name, m in model.named_modules(remove_duplicate=False)  # as state_dict() names them
+        )
         self._extra = [(k, m) for k, m in keyed if type(m).get_extra_state is not base and k in state["model"]]
         self._objects = self._live_objects()
         self.state = state
@@ -274,8 +286,15 @@ class _LiveState:
             if live is None:
                 continue
             for k, v in entry.items():
-                if not isinstance(v, torch.Tensor) and not isinstance(live.get(k), torch.Tensor):
+                if not holds_tensor(v) and not holds_tensor(live.get(k)):  # tensors: restored in place
                     live[k] = copy.deepcopy(v)
+
+    def restore_extra_state(self, staged: dict[str, Any]) -> None:
+        """Give every module with extra state the staged value (``set_extra_state``)."""
+        model_state = staged.get("model", {})
+        for key, m in self._extra:
+            if key in model_state:
+                m.set_extra_state(copy.deepcopy(model_state[key]))
 
 
 # ------------------------------------------------------------------------------------ plumbing
@@ -482,8 +501,9 @@ class WrapHandle:
     def restore(self) -> StageStats:
         """Copy the last staged copy back into the live parameters, buffers and optimizer state.
 
-        In place and bit-exact (see :mod:`stager.restore`); the optimizer's hyperparameters are
-        set back too. Waits for the copy if it is still being staged.
+        In place and bit-exact (see :mod:`stager.restore`); the optimizer's hyperparameters and
+        non-tensor state, and every module's extra state (``set_extra_state``), are set back too.
+        Waits for the copy if it is still being staged.
 
         Raises:
             RuntimeError: nothing has been staged yet.
@@ -502,6 +522,7 @@ class WrapHandle:
         state = self._live.current()
         stats = self.stager.restore(self._last_staged, state)
         self._live.restore_groups(self._last_staged)
+        self._live.restore_extra_state(self._last_staged)
         self._stats = stats
         return stats
 

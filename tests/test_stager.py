@@ -589,6 +589,19 @@ def test_a_state_dict_that_contains_itself_is_refused_with_the_path() -> None:
             stager.stage({"m": inner})
 
 
+def test_a_stage_inside_inference_mode_leaves_later_stages_working() -> None:
+    sd = {"w": torch.arange(8.0)}
+    with GraphStager(cache_policy="cached", max_arenas=1) as stager:
+        with torch.inference_mode():
+            out = stager.stage(sd)
+        assert not out["w"].is_inference()
+        del out
+        sd["w"].add_(1)
+        again = stager.stage(sd)  # the arena made inside inference mode is written outside it
+        assert_same(sd, again)
+        assert stager.last_stats.arena == "cached"
+
+
 def test_close_on_another_thread_waits_for_a_stage_in_progress() -> None:
     src = {f"t{i}": torch.full((20_000,), float(i)) for i in range(300)}
     stager = GraphStager()

@@ -588,3 +588,58 @@ def test_restore_rolls_back_non_tensor_optimizer_state(tmp_path: Path) -> None:
         handle.restore()
         assert torch.equal(model.weight, weight)
         assert opt.state[model.weight]["step"] == 2
+
+
+class _History(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+        self.hist: list[float] = []
+
+    def get_extra_state(self) -> Any:
+        return {"hist": list(self.hist)}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.hist = list(state["hist"])
+
+
+def test_extra_state_under_two_names_and_its_restore(tmp_path: Path) -> None:
+    model = torch.nn.Module()
+    model.a = _History()
+    model.b = model.a  # one module, two names in state_dict()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stager.wrap(model, opt) as handle:
+        model.a.hist.append(1.0)
+        handle.checkpoint(tmp_path / "c").result()
+        weight = model.a.lin.weight.detach().clone()
+        with torch.no_grad():
+            model.a.lin.weight.add_(1)
+        model.a.hist.append(2.0)  # the extra state grew: the tensors must still come back
+        handle.restore()
+        assert torch.equal(model.a.lin.weight, weight) and model.a.hist == [1.0]
+    fresh = torch.nn.Module()
+    fresh.a = _History()
+    fresh.b = fresh.a
+    stager.load_checkpoint(tmp_path / "c", fresh)
+    assert fresh.a.hist == [1.0]
+
+
+def test_load_checkpoint_drops_optimizer_state_the_checkpoint_does_not_have(tmp_path: Path) -> None:
+    def make_pair() -> tuple[torch.nn.ModuleDict, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        m = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)})
+        return m, torch.optim.AdamW(m.parameters(), lr=0.01)
+
+    model, opt = make_pair()
+    with stager.wrap(model, opt) as handle:
+        model["a"](torch.randn(3, 2)).sum().backward()  # "c" gets no gradient, no state
+        opt.step()
+        handle.checkpoint(tmp_path / "c")
+        want = snapshot(model, opt)
+    model2, opt2 = make_pair()
+    sum(m(torch.randn(3, 2)).sum() for m in model2.values()).backward()
+    opt2.step()  # state for every parameter, "c" included
+    stager.load_checkpoint(tmp_path / "c", model2, opt2)
+    got = layout(model2, opt2)
+    assert sorted(got["optim"]["state"]) == sorted(want["optim"]["state"])
+    assert_state_equal(got, want)
