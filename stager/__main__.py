@@ -9,8 +9,13 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand."""
     args = sys.argv[1:] if argv is None else argv
     commands = ("demo", "bench", "doctor")
+    usage = f"usage: python -m stager {{{'|'.join(commands)}}} [options]  (--help on each)"
+    if args and args[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not args or args[0] not in commands:
-        print(f"usage: python -m stager {{{'|'.join(commands)}}} [options]  (--help on each)", file=sys.stderr)
+        unknown = f"unknown command {args[0]!r}; " if args else ""
+        print(f"{unknown}{usage}", file=sys.stderr)
         return 2
     cmd, rest = args[0], args[1:]
     if cmd == "bench":

@@ -116,7 +116,7 @@ class StagerConfig:
 
         knob = KNOBS_BY_FIELD["profile"]
         if "profile" in overrides:
-            profile = knob.convert(overrides["profile"], "profile=")
+            profile = knob.convert(overrides["profile"], "keyword profile")
             sources["profile"] = "argument"
         elif knob.env in env:
             profile = knob.convert(env[knob.env], knob.env)
@@ -135,7 +135,7 @@ class StagerConfig:
                 values[knob.field] = knob.convert(env[knob.env], knob.env)
                 sources[knob.field] = f"env {knob.env}"
             if knob.field in overrides:
-                values[knob.field] = knob.convert(overrides[knob.field], f"{knob.field}=")
+                values[knob.field] = knob.convert(overrides[knob.field], f"keyword {knob.field}")
                 sources[knob.field] = "argument"
         return cls(**values, sources=sources)
 
@@ -145,7 +145,7 @@ class StagerConfig:
         if unknown:
             raise StagerConfigError(f"cannot replace {unknown}; valid options: "
                                     + ", ".join(k.field for k in KNOBS if k.field != "profile"))
-        converted = {k: KNOBS_BY_FIELD[k].convert(v, f"{k}=") for k, v in overrides.items()}
+        converted = {k: KNOBS_BY_FIELD[k].convert(v, f"keyword {k}") for k, v in overrides.items()}
         sources = dict(self.sources)
         sources.update({k: "argument" for k in converted})
         return dataclasses.replace(self, **converted, sources=sources)

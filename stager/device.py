@@ -83,6 +83,7 @@ class PendingCopy:
         return tuple(self._events)
 
     def add(self, event: Any, keep: Any) -> None:
+        """Add a device's done ``event``, and what must stay alive until it completes."""
         self._events.append(event)
         self._keep.append(keep)
 

@@ -138,24 +138,25 @@ class Knob:
         for the error message.
         """
         is_bool_knob = isinstance(self.default, bool)
+        form = self.form + (" (or True/False)" if is_bool_knob and not origin.startswith("STAGER_") else "")
         if isinstance(raw, str):
             text = raw
         elif isinstance(raw, enum.Enum):
             text = str(raw.value)
         elif isinstance(raw, bool):
             if not is_bool_knob:
-                raise StagerConfigError(f"{origin}={raw!r} is invalid; expected {self.form}")
+                raise StagerConfigError(f"{origin}={raw!r} is invalid; expected {form}")
             text = "1" if raw else "0"
         elif isinstance(raw, (int, float)):
             text = str(raw)
         else:
             raise StagerConfigError(
-                f"{origin}: got {raw!r} of type {type(raw).__name__}; expected {self.form}"
+                f"{origin}: got {raw!r} of type {type(raw).__name__}; expected {form}"
             )
         try:
             return self.parse(text)
         except (ValueError, TypeError):
-            raise StagerConfigError(f"{origin}={text!r} is invalid; expected {self.form}") from None
+            raise StagerConfigError(f"{origin}={text!r} is invalid; expected {form}") from None
 
 
 KNOBS: tuple[Knob, ...] = (

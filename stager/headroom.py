@@ -1177,7 +1177,7 @@ def decide_host(
         return HostDecision.WAIT
 
     knobs = []
-    if host.reserve_bytes > 0:
+    if host.reserve_bytes > 0 and not room:  # with room, the reserve is not what stands in the way
         knobs.append(f"lower STAGER_HOST_RESERVE (now {format_bytes(host.reserve_bytes)} per rank)")
     if leased:
         knobs.append(
@@ -1197,7 +1197,8 @@ def decide_host(
             f"set STAGER_CACHE_POLICY=fresh so no arena stays pinned between checkpoints (now "
             f"{cached_arenas} cached)"
         )
-    knobs.append("give the process more memory (container limit, fewer ranks per host)")
+    if not room:
+        knobs.append("give the process more memory (container limit, fewer ranks per host)")
     arenas = (
         f"{cached_arenas} cached arena(s) of at most {max_cached_arenas}, "
         + ("one free" if cached_arena_free else "none free")
@@ -1210,7 +1211,7 @@ def decide_host(
         f"({host.ranks_source}) - reserve {format_bytes(host.reserve_bytes)})"
     )
     if room:  # only the policies stand in the way
-        what = f"and {figure}, but the policies allow no arena for it"
+        what = f"and {figure}, but the policies allow no arena for it (every allowed arena is held)"
     else:
         what = f"but only {figure}"
     raise StagingMemoryError(

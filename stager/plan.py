@@ -175,6 +175,7 @@ class TensorSignature:
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor]) -> "TensorSignature":
+        """Read the signature of ``tensors``."""
         T = torch.Tensor
         with gc_paused():
             return cls(

@@ -262,9 +262,11 @@ class GraphStager:
                 self._idle.notify_all()
 
     def __enter__(self) -> "GraphStager":
+        """``with GraphStager() as stager:`` closes the stager on the way out."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close the stager (see :meth:`close`)."""
         self.close()
 
     # ---------------------------------------------------------------- planning

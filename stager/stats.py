@@ -40,7 +40,9 @@ class StageStats:
     replanned: bool = False
     """Whether this call built a new plan (first call, or the state dict changed)."""
     blocked_s: float = 0.0
+    """How long the call kept its caller waiting."""
     complete_s: float = 0.0
+    """From the call to the staged copy being complete (equal to ``blocked_s`` unless async)."""
     plan_s: float = 0.0
     """Time spent walking the dict and checking (or building) the plan."""
     alloc_s: float = 0.0
@@ -60,6 +62,8 @@ class StageStats:
     replays: int = 0
     """CUDA-graph replays so far on this stager."""
     notes: list[str] = field(default_factory=list)
+    """Anything worth knowing about this call: a fallback taken (capture failed, chunks shrunk or
+    skipped for lack of device memory), a restore, tensors copied one by one."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict of every field."""

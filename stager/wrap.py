@@ -568,9 +568,11 @@ class WrapHandle:
                 self.stager.close()
 
     def __enter__(self) -> "WrapHandle":
+        """``with stager.wrap(model, opt) as handle:`` closes the handle on the way out."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close the handle (see :meth:`close`)."""
         self.close()
 
     def __repr__(self) -> str:

@@ -59,3 +59,10 @@ def test_bench_budget_stops_a_slow_provider_and_says_so(tmp_path: Path, monkeypa
     rows = [r for r in json.loads(out.read_text())["rows"] if r["provider"] == "stager"]
     assert len(rows) == 1 and rows[0]["note"] == "1 of 5 calls (--budget)"
     assert rows[0]["complete_ms_p50"] > 0
+
+
+def test_help_goes_to_stdout_and_an_unknown_command_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "usage: python -m stager" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
