@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from stager.config import StagerConfig, available_profiles, load_profile
 from stager.envs import KNOBS, CachePolicy, LeasePolicy, Mode, parse_size
@@ -136,3 +137,13 @@ def test_replace_and_describe() -> None:
     assert cfg.nvtx is True and cfg.graphs is Mode.OFF and cfg.sources["nvtx"] == "argument"
     rows = {name: (value, source) for name, value, source in cfg.describe()}
     assert rows["STAGER_NVTX"] == ("1", "argument") and rows["STAGER_GRAPHS"] == ("off", "argument")
+
+
+def test_the_throughput_profile_keeps_staging_while_both_persistent_arenas_are_held() -> None:
+    from stager import GraphStager
+
+    sd = {"w": torch.ones(4)}
+    with GraphStager(profile="throughput", async_staging=False) as stager:
+        held = [stager.stage(sd) for _ in range(3)]
+        assert [len(stager._sets), stager.last_stats.arena] == [2, "fresh"]
+        assert all(torch.equal(h["w"], sd["w"]) for h in held)
