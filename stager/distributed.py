@@ -35,9 +35,11 @@ unusable (its group may hold unmatched messages): create a new one.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import pickle
+import sys
 import random
 import time
 from collections import OrderedDict
@@ -53,8 +55,12 @@ from stager.arena import HostArena, StagedSet, find_segment
 from stager.config import StagerConfig
 from stager.errors import PartnerFailedError, ReplicationError, ReplicationTimeoutError
 from stager.plan import (
+    _ATOM,
+    _ATOMS,
+    _DICT,
     _DTENSOR,
     _FLATDICT,
+    _OBJECT,
     _NESTEDFLAT,
     _SUBTENSOR,
     _TENSOR,
@@ -128,7 +134,15 @@ class _OthersPickler(pickle.Pickler):
         self.ids = ids
 
     def persistent_id(self, obj: Any) -> Any:
-        return self.ids.get(id(obj))
+        found = self.ids.get(id(obj))
+        if found is None and isinstance(obj, torch.Tensor) and type(obj) is not torch.Tensor:
+            dtensor = sys.modules.get("torch.distributed.tensor")
+            if dtensor is not None and isinstance(obj, dtensor.DTensor):
+                raise ReplicationError(
+                    "a DTensor inside an object (not a dict, list or tuple) cannot be replicated: its local "
+                    "shard would travel by value; keep DTensors directly in the state dict's containers"
+                )
+        return found
 
 
 class _OthersUnpickler(pickle.Unpickler):
@@ -156,6 +170,8 @@ class _Outbound:
     sizes: list[int]
     """Bytes of every region."""
     segment_lo: int | None
+    src_addrs: list[int] = field(default_factory=list)
+    """Address of each region's first byte when the entry was made (checked on reuse)."""
     """When every region lies in one known arena: the address the sent buffer starts at."""
     pack: HostArena | None = None
 
@@ -305,7 +321,7 @@ class Replicator:
         with gc_paused():
             walk(staged, tokens, tensors, others)
         for entry in peer.outbound:
-            if entry.signature.matches(tensors) and entry.tokens == tokens:
+            if entry.signature.matches(tensors) and entry.tokens == tokens and _regions_hold(entry, tensors):
                 return entry, tensors, others
         paths: list[str] = []
         tokens, tensors, others = [], [], []
@@ -357,6 +373,7 @@ class Replicator:
             anchors=anchors,
             sizes=[r.nbytes for r in regions],
             segment_lo=segment_lo,
+            src_addrs=ptrs,
         )
         peer.outbound.insert(0, entry)
         del peer.outbound[_PLANS_KEPT:]
@@ -395,7 +412,8 @@ class Replicator:
     def _pickle_others(tensors: list[torch.Tensor], others: list[Any], tokens: list[tuple]) -> bytes:
         """The non-tensor leaves (and tensor-subclass attributes), tensors pickled as indices."""
         subclass_attrs: dict[int, dict] = {}
-        i = 0
+        others = list(others)
+        i = j = 0  # index into tensors, into others
         for tok in tokens:
             kind = tok[0]
             if kind == _TENSOR or kind == _SUBTENSOR or kind == _DTENSOR:
@@ -406,12 +424,23 @@ class Replicator:
                 i += len(tok[1])
             elif kind == _NESTEDFLAT:
                 i += tok[3]
+            elif kind == _DICT and tok[1] is not dict:
+                # A dict subclass is rebuilt from an emptied copy of itself: send it empty (its
+                # values travel as leaves; a DTensor value must not be pickled by value).
+                template = copy.copy(others[j])
+                template.clear()
+                others[j] = template
+                j += 1
+            elif kind in (_ATOM, _ATOMS, _OBJECT):
+                j += 1
         if not others and not subclass_attrs:
             return b""  # a flat dict of tensors: nothing to send
         ids = {id(t): i for i, t in enumerate(tensors)}
         buf = io.BytesIO()
         try:
             _OthersPickler(buf, ids).dump((others, subclass_attrs))
+        except ReplicationError:
+            raise
         except Exception as exc:
             raise ReplicationError(
                 f"a non-tensor leaf of the staged dict cannot be pickled for the partner "
@@ -546,6 +575,7 @@ class Replicator:
         in_set: StagedSet | None = None
         inbound: _Inbound | None = None
         recv_view = send_view = None
+        posted = False
         try:
             if h_in is not None and failure is None and not src_failed:
                 key = h_in[2]
@@ -567,6 +597,7 @@ class Replicator:
             if entry is not None and failure is None and not (reply_in & _ABORTED):
                 send_view = self._buffer(entry, out_tensors, stats)
             t_wire = time.perf_counter()
+            posted = True
             ops.run_many(
                 "buffer",
                 [(c, src) for c in _chunks(recv_view, h_in[4])] if recv_view is not None else [],
@@ -582,6 +613,12 @@ class Replicator:
                 _, others_in, refs = peer_in.others
                 # rebuild() deep-copies objects with memo {id(ref i): staged tensor i}.
                 replica = rebuild(inbound.plan.tokens, in_set.handout(), refs, others_in)
+        except BaseException as exc:
+            if not posted and self._broken is None:
+                # The partner has posted its side of the buffer exchange; this side never will.
+                # A later call would pair its header with the partner's stale chunks.
+                self._broken = f"replicate() failed between the metadata and the buffer ({type(exc).__name__}: {exc})"
+            raise
         finally:
             if in_set is not None:
                 in_set.done()
@@ -595,6 +632,22 @@ class Replicator:
                 return None
             raise PartnerFailedError(f"rank {src} failed before replicating to rank {dist.get_rank()}: {message}")
         return replica
+
+
+def _regions_hold(entry: _Outbound, tensors: list[torch.Tensor]) -> bool:
+    """Whether every region of ``entry`` is still where it was, inside its anchor tensor's storage.
+
+    The signature alone does not say so: the same addresses can come back grouped into storages
+    differently (separate tensors one call, views of one storage the next), and a region read
+    through its anchor's storage would then be the wrong bytes.
+    """
+    for (i, off), addr, size in zip(entry.anchors, entry.src_addrs, entry.sizes):
+        if i < 0:
+            continue
+        st = tensors[i].untyped_storage()
+        if st.data_ptr() + off != addr or off + size > st.nbytes():
+            return False
+    return True
 
 
 def _blob_parts(sender_failed: bool, reply: int, changed: bool) -> tuple[bool, bool]:

@@ -11,6 +11,7 @@ naming the rank when the failing rank never replicates.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from typing import Any, NamedTuple
 
@@ -280,3 +281,92 @@ def test_partner_of_a_rank_that_never_replicates_times_out_naming_it() -> None:
     assert out[1]["result"].startswith("StagingInputError") and "['p0']" in out[1]["result"]
     assert out[0]["result"].startswith("ReplicationTimeoutError") and "rank 1 did not" in out[0]["result"]
     assert timeout <= out[0]["seconds"] < timeout + 10
+
+
+# --------------------------------------------------------------------------------------------
+# Same addresses, another grouping; a failure after the headers; a DTensor inside an object
+# --------------------------------------------------------------------------------------------
+
+
+def _regrouped_at_the_same_addresses(rank: int, world: int) -> list[bool]:
+    import numpy as np
+
+    from stager.distributed import Replicator
+
+    rep = Replicator(timeout=30)
+    arr = np.arange(128, dtype=np.float32) + 1000 * rank
+    want = np.arange(128, dtype=np.float32) + 1000 * ((rank + world // 2) % world)
+    out = []
+    for tied in (False, True, False):
+        if tied:  # one storage, two views: the same data_ptr, shape, stride and dtype as before
+            v = torch.from_numpy(arr)
+            sd = {"x": v[:64], "y": v[64:]}
+        else:  # two storages over the same memory
+            sd = {"x": torch.from_numpy(arr[:64]), "y": torch.from_numpy(arr[64:])}
+        replica = rep.replicate(sd)
+        out.append(torch.equal(replica["x"], torch.from_numpy(want[:64])) and torch.equal(replica["y"], torch.from_numpy(want[64:])))
+    return out
+
+
+@pytest.mark.slow
+def test_the_same_addresses_grouped_into_other_storages_replicate_bit_exactly() -> None:
+    assert cluster(2).run(_regrouped_at_the_same_addresses) == [[True] * 3] * 2
+
+
+def _receiver_fails_after_the_headers(rank: int, world: int) -> list[str]:
+    from stager import GraphStager
+    from stager.distributed import Replicator
+
+    stager = GraphStager()
+    rep = Replicator(stager, timeout=3)
+    staged = stager.stage({"w": torch.arange(4096.0) + rank})
+    if rank == 1:
+        def no_memory(*args: Any) -> Any:
+            raise MemoryError("no host memory for the replica (injected)")
+
+        rep._lease = no_memory  # type: ignore[method-assign]
+    seen = []
+    for _ in range(2):
+        try:
+            replica = rep.replicate(staged)
+            seen.append("equal" if torch.equal(replica["w"], torch.arange(4096.0) + rep.source) else "WRONG")
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+    return seen
+
+
+@pytest.mark.slow
+def test_a_receiver_that_fails_after_the_headers_never_gives_its_partner_a_wrong_replica() -> None:
+    r0, r1 = cluster(2).run(_receiver_fails_after_the_headers)
+    assert all("WRONG" not in s for s in r0 + r1)
+    assert r1[0].startswith("MemoryError") and "unusable" in r1[1]
+    assert all(s.startswith(("ReplicationTimeoutError", "ReplicationError")) for s in r0), r0
+
+
+@dataclasses.dataclass
+class EMA:
+    shadow: dict
+
+
+def _dtensor_inside_an_object(rank: int, world: int) -> str:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from stager import GraphStager
+    from stager.distributed import Replicator
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = distribute_tensor(torch.arange(16.0).reshape(8, 2), mesh, [Shard(0)])
+    stager = GraphStager()
+    staged = stager.stage({"w": w, "ema": EMA({"w": w})})
+    try:
+        Replicator(stager, timeout=10).replicate(staged)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "replicated"
+
+
+@pytest.mark.slow
+def test_a_dtensor_inside_an_object_is_refused_clearly() -> None:
+    for r in cluster(2).run(_dtensor_inside_an_object):
+        assert r.startswith("ReplicationError") and "DTensor inside an object" in r, r
