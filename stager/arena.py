@@ -522,13 +522,13 @@ class StagedSet:
             self._cpu_parts[parts] = cached
         return cached
 
-    def _counts(self) -> tuple[list[int], list[int], list[int]]:
-        # Python references to the staged tensors and to the (unique) Python storage objects, and
-        # C++ uses of the storages (views, detached tensors, writers' handles).
-        refs = list(map(sys.getrefcount, self.tensors))
+    def _counts(self) -> tuple[list[int], list[int]]:
+        # Python references to the (unique) Python storage objects, and C++ uses of the storages:
+        # every handed-out tensor, view, detached tensor or writer's handle is one. The set's own
+        # tensors are never handed out (see handout), so their references need no count.
         srefs = list(map(sys.getrefcount, self._storages))
         uses = list(map(_storage_use_count, self._cdata)) if _storage_use_count is not None else []
-        return refs, srefs, uses
+        return srefs, uses
 
     def leased(self) -> bool:
         """Whether anything outside the stager still holds a staged tensor or storage of this set.

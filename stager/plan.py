@@ -3,8 +3,9 @@
 A plan is built from one state dict and reused for every later ``stage()`` of a dict with the same
 *signature*: the same nested structure (container types and keys) and, for every tensor, the same
 ``(data_ptr, size, stride, dtype)``. Checking the signature is the only per-tensor Python work a
-replay does; it is kept to four C-level calls per tensor, compared column by column (addresses
-first), with Python's cyclic garbage collector paused (see :class:`TensorSignature`).
+replay does: four C-level calls per tensor for the signature, compared column by column
+(addresses first), one more for a lazy negative view, and one per source storage to see that it
+has not moved (:meth:`Plan.matches`), with Python's cyclic garbage collector paused.
 
 Layout. Tensors are grouped by source storage. For each storage the plan stages one *region*: the
 byte span that its tensors reference (from the lowest first byte to the highest last byte, the
