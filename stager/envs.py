@@ -113,6 +113,32 @@ def _parse_power_of_two_size(text: str) -> int:
     return value
 
 
+class _OutOfRange(ValueError):
+    """A value of the right form but outside the accepted range; the message says why."""
+
+
+MIN_ALIGNMENT = 16
+"""Smallest region alignment: the largest element (complex128) is 16 bytes, and a tensor whose
+address is not a multiple of its element size crashes vectorised CPU kernels."""
+MAX_ALIGNMENT = 2 << 20
+"""Largest region alignment (a huge page): beyond it the padding only wastes host memory."""
+
+
+def _parse_alignment(text: str) -> int:
+    value = _parse_power_of_two_size(text)
+    if value < MIN_ALIGNMENT:
+        raise _OutOfRange(
+            f"the smallest alignment allowed is {MIN_ALIGNMENT} (a complex128 tensor below it sits at "
+            "an address that is not a multiple of its 16-byte element and can crash the process)"
+        )
+    if value > MAX_ALIGNMENT:
+        raise _OutOfRange(
+            f"the largest alignment allowed is {format_size(MAX_ALIGNMENT)} ({MAX_ALIGNMENT} bytes, a huge "
+            "page); a larger one only pads every region with unused host memory"
+        )
+    return value
+
+
 def _parse_positive_size(text: str) -> int:
     value = parse_size(text)
     if value < 1:
@@ -155,6 +181,8 @@ class Knob:
             )
         try:
             return self.parse(text)
+        except _OutOfRange as exc:
+            raise StagerConfigError(f"{origin}={text!r} is invalid: {exc}; expected {form}") from None
         except (ValueError, TypeError):
             raise StagerConfigError(f"{origin}={text!r} is invalid; expected {form}") from None
 
@@ -177,8 +205,8 @@ KNOBS: tuple[Knob, ...] = (
          "How long stage() waits for a held arena before raising LeaseTimeoutError.", _parse_nonneg_float),
     Knob("max_arenas", "STAGER_MAX_ARENAS", 2, "an integer >= 1",
          "Most persistent (cached) host arenas kept at once.", _parse_positive_int),
-    Knob("alignment", "STAGER_ALIGNMENT", 256, "a power of two size such as 64 or 4KiB",
-         "Byte alignment of every region in the host arena and the device chunks.", _parse_power_of_two_size),
+    Knob("alignment", "STAGER_ALIGNMENT", 256, "a power of two size from 16 to 2MiB such as 64 or 4KiB",
+         "Byte alignment of every region in the host arena and the device chunks.", _parse_alignment),
     Knob("pack_threshold", "STAGER_PACK_THRESHOLD", 1 << 20, "a size such as 1MiB",
          "Regions smaller than this are packed on the device; larger ones are copied directly.", parse_size),
     Knob("chunk_size", "STAGER_CHUNK_SIZE", 64 << 20, "a size > 0 such as 64MiB",
