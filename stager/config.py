@@ -7,21 +7,60 @@ records where each value came from (``config.sources``), which ``python -m stage
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
+import threading
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping
 
-from stager.envs import KNOBS, KNOBS_BY_FIELD, CachePolicy, LeasePolicy, Mode
-from stager.errors import StagerConfigError
+from stager.envs import KNOBS, KNOBS_BY_FIELD, OTHER_VARIABLES, CachePolicy, LeasePolicy, Mode
+from stager.errors import StagerConfigError, StagerConfigWarning
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["StagerConfig", "available_profiles", "load_profile"]
+__all__ = ["StagerConfig", "available_profiles", "load_profile", "unknown_variables"]
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``(name, closest known name or None)`` for every set ``STAGER_*`` variable nothing reads."""
+    env = os.environ if environ is None else environ
+    known = [k.env for k in KNOBS] + sorted(OTHER_VARIABLES)
+    out = []
+    for name in sorted(n for n in env if n.startswith("STAGER_")):
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        out.append((name, close[0] if close else None))
+    return out
+
+
+def describe_unknown(name: str, closest: str | None) -> str:
+    """One line about an unknown ``STAGER_*`` variable: it is ignored, and what was probably meant."""
+    hint = f"did you mean {closest}?" if closest else "no stager variable is spelled like it"
+    return (
+        f"{name} is set but is not a stager variable, so it is ignored; {hint} "
+        "(python -m stager doctor lists every variable)"
+    )
+
+
+_warned_lock = threading.Lock()
+_warned: set[str] = set()
+"""Unknown variable names already warned about in this process."""
+
+
+def _warn_unknown(environ: Mapping[str, str]) -> None:
+    for name, closest in unknown_variables(environ):
+        with _warned_lock:
+            if name in _warned:
+                continue
+            _warned.add(name)
+        warnings.warn(describe_unknown(name, closest), StagerConfigWarning, stacklevel=3)
 
 
 def available_profiles() -> list[str]:
@@ -102,9 +141,12 @@ class StagerConfig:
         """Resolve a config: defaults < profile < ``STAGER_*`` variables < ``overrides``.
 
         ``environ`` defaults to ``os.environ`` (read here, once). An unknown keyword, an unknown
-        profile or a bad value raises :class:`~stager.errors.StagerConfigError`.
+        profile or a bad value raises :class:`~stager.errors.StagerConfigError`. A ``STAGER_*``
+        variable that nothing reads (a misspelling) is warned about once per process and name
+        (:class:`~stager.errors.StagerConfigWarning`, naming the closest real variable).
         """
         env = os.environ if environ is None else environ
+        _warn_unknown(env)
         unknown = sorted(k for k in overrides if k not in KNOBS_BY_FIELD)
         if unknown:
             raise StagerConfigError(

@@ -20,6 +20,7 @@ __all__ = [
     "Knob",
     "KNOBS",
     "KNOBS_BY_FIELD",
+    "OTHER_VARIABLES",
     "Mode",
     "CachePolicy",
     "LeasePolicy",
@@ -227,3 +228,7 @@ KNOBS: tuple[Knob, ...] = (
 )
 
 KNOBS_BY_FIELD: dict[str, Knob] = {k.field: k for k in KNOBS}
+
+OTHER_VARIABLES: frozenset[str] = frozenset()
+"""``STAGER_*`` variables the project reads outside :data:`KNOBS` (never reported as unknown).
+A module that reads such a variable adds its name here."""

@@ -19,6 +19,7 @@ __all__ = [
     "ReplicationError",
     "ReplicationTimeoutError",
     "PartnerFailedError",
+    "StagerConfigWarning",
 ]
 
 
@@ -82,3 +83,11 @@ class ReplicationTimeoutError(ReplicationError, TimeoutError):
 
 class PartnerFailedError(ReplicationError):
     """The partner rank reported that it could not stage or send (its message is included)."""
+
+
+class StagerConfigWarning(UserWarning):
+    """A ``STAGER_*`` variable is set that no part of the stager reads (a misspelling, most often).
+
+    Issued once per process and name when a config resolves; the message names the closest
+    variable that exists.
+    """
