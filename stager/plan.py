@@ -598,6 +598,10 @@ def build_plan(
             g[0] = min(g[0], start)
             g[1] = max(g[1], start + span)
             g[2] = max(g[2], t.element_size())
+            if st.nbytes() > g[3].nbytes():
+                # Distinct storages can start at one address (two torch.from_numpy views of one
+                # buffer): the largest covers every tensor of the group, each lying in its own.
+                g[3] = st
         per_tensor.append((key, start))
 
     spans: list[tuple[int, int]] = []  # (lo, nbytes) per region, in appearance order
