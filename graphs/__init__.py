@@ -5,7 +5,7 @@
 * :mod:`stager.graphs.eager` -- :func:`run_eager`: run a bound program now on a stream (CPU
   tensors included, packed with the Triton interpreter or the plain-torch reference).
 * :mod:`stager.graphs.cuda_graph` -- :class:`CudaGraphExecutor`: warm up, capture as CUDA graphs,
-  replay while the sources stay where they were; :class:`CaptureTracker` is its decision logic.
+  replay every checkpoint; :class:`CaptureTracker` is its decision logic.
 
 Importing this package initialises no CUDA context and imports no Triton.
 """
@@ -25,7 +25,6 @@ from stager.graphs.program import (
     RecordEventOp,
     bind_program,
     build_program,
-    source_fingerprint,
 )
 
 __all__ = [
@@ -47,5 +46,4 @@ __all__ = [
     "capture_key",
     "issue_ops",
     "run_eager",
-    "source_fingerprint",
 ]

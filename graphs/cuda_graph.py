@@ -6,12 +6,13 @@ The first run of a program on a destination warms it up eagerly on the executor'
 stream. Later runs replay the graphs: one launch per piece, whatever the number of tensors.
 
 What a capture bakes in, and so what it is keyed by (:class:`CaptureKey`): the program (its
-structure), the destination arena, the chunk buffers and the address of every source span. The
-source addresses are checked before every replay (by the stager's plan check, one ``data_ptr()``
-per region; :func:`~stager.graphs.program.source_fingerprint` computes the same tuple from
-bound views): a replay after a source moved would copy stale or freed memory, so any change
-re-captures instead. :class:`CaptureTracker` is that decision as a pure state machine
-(testable without a GPU); it also counts captures and replays.
+structure), the destination arena and the chunk buffers. One executor serves one binding of one
+program to one arena, so its key never changes once captured; a run with another key is a
+programming error and raises. The source addresses are baked in too, but they are not checked
+here: the stager's plan check before every stage is the one place that decides that the sources
+are where the plan says, and any change there makes a new plan, hence a new program, new
+bindings and a new executor. :class:`CaptureTracker` is the capture/replay decision as a pure
+state machine (testable without a GPU); it also counts captures and replays.
 
 Capture rules followed here (see ``torch/cuda/graphs.py``): every buffer is allocated before
 capture and nothing is allocated during it (pack tables are prepared when binding, chunks belong
@@ -20,8 +21,9 @@ training thread's unsafe CUDA calls elsewhere do not abort the capture. ``captur
 called directly rather than through ``torch.cuda.graph``, whose entry synchronises the whole
 device and empties the allocator's cache: neither belongs in a training step.
 
-Events (``RecordEventOp``) are not captured: they are recorded on the side stream right after the
-replay of the piece that holds them, so a caller can wait on an ordinary event.
+The done event is not captured: the caller passes it to :meth:`CudaGraphExecutor.run`, which
+records it on the side stream after the last piece, so a caller can wait on an ordinary event. A
+replay costs one launch per piece, whatever the number of ops.
 
 If a capture fails the executor says why once (a log warning), stays in state ``FAILED`` and runs
 the program eagerly from then on; the checkpoint in hand was already copied by the warm-up.
@@ -75,8 +77,6 @@ class Action(str, enum.Enum):
 
     CAPTURE = "capture"
     """First capture: warm up eagerly, then capture."""
-    RECAPTURE = "recapture"
-    """The key changed (a source moved, another arena or chunk): drop the graphs, capture anew."""
     REPLAY = "replay"
     """Same key as the capture: replay the graphs."""
     EAGER = "eager"
@@ -93,22 +93,15 @@ class CaptureKey:
     """Address of the destination arena."""
     chunks: tuple[int, ...]
     """Addresses of the chunk buffers."""
-    sources: tuple[int, ...]
-    """Address of every source span, in the program's region order (the fingerprint)."""
 
 
-def capture_key(bindings: Bindings, sources: tuple[int, ...] | None = None) -> CaptureKey:
-    """The key of ``bindings``; ``sources`` is the fingerprint when already computed."""
-    from stager.graphs.program import source_fingerprint
-
+def capture_key(bindings: Bindings) -> CaptureKey:
+    """The key of ``bindings``: its program's structure, arena and chunk addresses."""
     program = bindings.program
-    if sources is None:
-        sources = source_fingerprint(program, bindings.sources)
     return CaptureKey(
         program=program.key,
         arena=bindings.arena.data_ptr(),
         chunks=tuple(c.data_ptr() for c in bindings.chunks[: program.slots]),
-        sources=sources,
     )
 
 
@@ -128,23 +121,32 @@ class CaptureTracker:
     """Every action taken, in order (bounded to the last 64)."""
 
     def decide(self, key: CaptureKey) -> Action:
-        """What to do for a run whose current key is ``key`` (changes nothing)."""
+        """What to do for a run whose current key is ``key`` (changes nothing).
+
+        Raises ``RuntimeError`` when graphs are held for another key: an executor serves one
+        binding, and new memory means a new executor.
+        """
         if self.state is GraphState.FAILED:
             return Action.EAGER
         if self.state is GraphState.EMPTY:
             return Action.CAPTURE
-        return Action.REPLAY if key == self.key else Action.RECAPTURE
+        if key != self.key:
+            raise RuntimeError(
+                f"CUDA graphs were captured for {self.key} and cannot be replayed for {key}: "
+                "bind a new executor to new memory"
+            )
+        return Action.REPLAY
 
     def _note(self, action: Action) -> None:
         self.history.append(action)
         del self.history[:-64]
 
-    def captured(self, key: CaptureKey, action: Action = Action.CAPTURE) -> None:
+    def captured(self, key: CaptureKey) -> None:
         """A capture for ``key`` succeeded."""
         self.state = GraphState.CAPTURED
         self.key = key
         self.captures += 1
-        self._note(action)
+        self._note(Action.CAPTURE)
 
     def replayed(self) -> None:
         self.replays += 1
@@ -177,7 +179,7 @@ class CudaGraphExecutor:
         self.pieces = max(1, int(pieces))
         self.nvtx = nvtx_enabled
         self.tracker = CaptureTracker()
-        self._graphs: list[tuple[Any, range]] = []
+        self._graphs: list[Any] = []
         self._bindings: Bindings | None = None
 
     @property
@@ -191,11 +193,12 @@ class CudaGraphExecutor:
         """
         return (self._graphs, self._bindings)
 
-    def run(self, bindings: Bindings, key: CaptureKey | None = None) -> Action:
+    def run(self, bindings: Bindings, key: CaptureKey | None = None, done: Any = None) -> Action:
         """Stage once through ``bindings`` on the side stream; returns what was done.
 
-        The caller has made the side stream wait for the producer of the sources. On return the
-        copies (and the ``done`` event) are queued on the side stream, not finished.
+        The caller has made the side stream wait for the producer of the sources. ``done`` (a
+        ``torch.cuda.Event``, optional) is recorded on the side stream after the last copy. On
+        return the copies (and ``done``) are queued on the side stream, not finished.
         """
         if key is None:
             key = capture_key(bindings)
@@ -204,40 +207,40 @@ class CudaGraphExecutor:
         with torch.cuda.device(device.index), torch.cuda.stream(self.stream):
             if action is Action.REPLAY:
                 with nvtx.range("stager/replay", self.nvtx):
-                    self._replay(bindings)
+                    for g in self._graphs:
+                        g.replay()
                 self.tracker.replayed()
-                return action
-            if action is Action.EAGER:
+            elif action is Action.EAGER:
                 issue_ops(bindings, nvtx_enabled=self.nvtx)
                 self.tracker.ran_eager()
-                return action
-            # CAPTURE / RECAPTURE. Old graphs live on in whatever keepalive() handed out.
-            self._graphs = []
-            self._bindings = None
-            # Until the new capture succeeds there are no graphs: a warm-up that raises must not
-            # leave the tracker CAPTURED under the old key, or a run with that key again would
-            # "replay" nothing.
-            self.tracker.state = GraphState.EMPTY
-            self.tracker.key = None
-            with nvtx.range("stager/capture", self.nvtx):
-                issue_ops(bindings, nvtx_enabled=self.nvtx)  # warm-up: also this checkpoint's copy
-                try:
-                    graphs = self._capture(bindings)
-                except Exception as exc:  # noqa: BLE001 - any capture failure means eager
-                    reason = f"{type(exc).__name__}: {exc}"
-                    self.tracker.failed(reason)
-                    _warn_once(
-                        f"stager: CUDA-graph capture of the staging program on {device} failed ({reason}); "
-                        "staging runs eagerly (set STAGER_GRAPHS=off to skip the attempt)"
-                    )
-                    return Action.EAGER
-            self._graphs = graphs
-            self._bindings = bindings
-            self.tracker.captured(key, action)
-            return action
+            else:
+                action = self._warm_up_and_capture(bindings, key)
+            if done is not None:
+                done.record(self.stream)
+        return action
 
-    def _capture(self, bindings: Bindings) -> list[tuple[Any, range]]:
-        graphs: list[tuple[Any, range]] = []
+    def _warm_up_and_capture(self, bindings: Bindings, key: CaptureKey) -> Action:
+        self._graphs = []
+        self._bindings = None
+        with nvtx.range("stager/capture", self.nvtx):
+            issue_ops(bindings, nvtx_enabled=self.nvtx)  # warm-up: also this checkpoint's copy
+            try:
+                graphs = self._capture(bindings)
+            except Exception as exc:  # noqa: BLE001 - any capture failure means eager
+                reason = f"{type(exc).__name__}: {exc}"
+                self.tracker.failed(reason)
+                _warn_once(
+                    f"stager: CUDA-graph capture of the staging program on {bindings.program.device} "
+                    f"failed ({reason}); staging runs eagerly (set STAGER_GRAPHS=off to skip the attempt)"
+                )
+                return Action.EAGER
+        self._graphs = graphs
+        self._bindings = bindings
+        self.tracker.captured(key)
+        return Action.CAPTURE
+
+    def _capture(self, bindings: Bindings) -> list[Any]:
+        graphs: list[Any] = []
         steps = bindings.steps
         # No cyclic garbage collection while capturing: a collection runs finalizers on this
         # thread (a released host arena's cudaHostUnregister, a user object's CUDA call), and in
@@ -247,31 +250,18 @@ class CudaGraphExecutor:
         try:
             for r in bindings.program.pieces(self.pieces):
                 if all(steps[i][0] == RECORD for i in r):
-                    graphs.append((None, r))  # nothing to capture (events only)
-                    continue
+                    continue  # nothing to capture (the done marker only)
                 g = torch.cuda.CUDAGraph()
                 g.capture_begin(capture_error_mode="thread_local")
                 try:
-                    issue_ops(bindings, r, record_events=False)
+                    issue_ops(bindings, r)
                 except BaseException:
                     with contextlib.suppress(Exception):
                         g.capture_end()
                     raise
                 g.capture_end()
-                graphs.append((g, r))
+                graphs.append(g)
         finally:
             if gc_was_enabled:
                 gc.enable()
         return graphs
-
-    def _replay(self, bindings: Bindings) -> None:
-        steps = bindings.steps
-        events = bindings.events
-        for g, r in self._graphs:
-            if g is not None:
-                g.replay()
-            for i in r:
-                code, name, _ = steps[i]
-                if code == RECORD and name in events:
-                    events[name].record()
-

@@ -36,20 +36,17 @@ def issue_ops(
     bindings: Bindings,
     ops: range | None = None,
     *,
-    record_events: bool = True,
     nvtx_enabled: bool = False,
 ) -> None:
-    """Issue the ops at indices ``ops`` (default: the whole program) on the current stream.
-
-    ``record_events=False`` skips :class:`~stager.graphs.program.RecordEventOp` (a capture
-    records its events after the replay instead, outside the graph).
+    """Issue the copy and pack ops at indices ``ops`` (default: the whole program) on the current
+    stream. :class:`~stager.graphs.program.RecordEventOp` marks where the program ends: the
+    executor records the caller's done event there, never inside a captured graph.
     """
     from stager.kernels import pack_gather
 
     steps = bindings.steps if ops is None else bindings.steps[ops.start : ops.stop]
     use_triton = bindings.use_triton
     non_blocking = bindings.non_blocking
-    events = bindings.events
     for code, a, b in steps:
         if code == COPY:
             with nvtx.range("stager/copy", nvtx_enabled):
@@ -57,8 +54,6 @@ def issue_ops(
         elif code == PACK:
             with nvtx.range("stager/pack", nvtx_enabled):
                 pack_gather(a, b, validate=False, use_triton=use_triton)
-        elif record_events and a in events:
-            events[a].record()
 
 
 def run_eager(
@@ -67,13 +62,17 @@ def run_eager(
     stream: Any = None,
     ops: range | None = None,
     nvtx_enabled: bool = False,
+    done: Any = None,
 ) -> None:
     """Run the bound program (or the op indices ``ops``) now on ``stream``.
 
     ``stream`` is a ``torch.cuda.Stream`` of the program's device, or None for the current stream
     (and for CPU programs, which run synchronously). On a device the copies are queued, not
-    finished, when this returns: wait on the program's ``done`` event.
+    finished, when this returns: ``done`` (a ``torch.cuda.Event``), when given, is recorded on
+    the stream after them.
     """
     device = bindings.program.device
     with _device_context(device), _stream_context(stream):
         issue_ops(bindings, ops, nvtx_enabled=nvtx_enabled)
+        if done is not None:
+            done.record()

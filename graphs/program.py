@@ -57,7 +57,6 @@ __all__ = [
     "Bindings",
     "build_program",
     "bind_program",
-    "source_fingerprint",
 ]
 
 MIN_RUN = 2
@@ -354,8 +353,6 @@ class Bindings:
     steps: tuple[tuple[int, Any, Any], ...]
     """One step per op, everything resolved: ``(PACK, table, chunk)``, ``(COPY, target,
     input)`` (an arena slice and a chunk prefix or source view), ``(RECORD, name, None)``."""
-    events: dict[str, Any] = field(default_factory=dict)
-    """Events for :class:`RecordEventOp` by name (``torch.cuda.Event``); missing names are skipped."""
     use_triton: bool | None = None
     """Passed to ``pack_gather``: None picks the kernel where it runs, False the reference."""
     non_blocking: bool = False
@@ -433,13 +430,3 @@ def _arena_slice(arena: torch.Tensor, offset: int, nbytes: int) -> torch.Tensor:
     if offset + nbytes > arena.numel():
         raise ValueError(f"arena of {arena.numel()} bytes is too small for bytes [{offset}, {offset + nbytes})")
     return arena.narrow(0, offset, nbytes)
-
-
-def source_fingerprint(program: Program, sources: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    """The address of every source span ``program`` reads, in arena order.
-
-    A captured graph has these addresses baked in: any difference means the sources moved (a
-    parameter re-allocated, a storage resized) and the graph must be captured again. One
-    ``data_ptr()`` per region (C calls under ``map``), no allocation besides the tuple.
-    """
-    return tuple(map(torch.Tensor.data_ptr, map(sources.__getitem__, program.regions)))

@@ -15,13 +15,14 @@ from stager.errors import (
     ReplicationTimeoutError,
     RestoreMismatchError,
     RegionTableError,
+    SourceModifiedError,
     StagerClosedError,
     StagerConfigError,
     StagerError,
     StagingInputError,
     StagingMemoryError,
 )
-from stager.stager import GraphStager
+from stager.stager import GraphStager, HostBytes
 from stager.stats import StageStats
 from stager.wrap import WrapHandle, load_checkpoint, wrap
 
@@ -35,6 +36,8 @@ __all__ = [
     "StagingMemoryError",
     "LeaseTimeoutError",
     "StagerClosedError",
+    "SourceModifiedError",
+    "HostBytes",
     "RegionTableError",
     "wrap",
     "WrapHandle",

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from stager.envs import KNOBS, KNOBS_BY_FIELD, OTHER_VARIABLES, CachePolicy, LeasePolicy, Mode
 from stager.errors import StagerConfigError, StagerConfigWarning
+from stager.nvtx import CheckpointSet
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -113,6 +114,9 @@ class StagerConfig:
     """Seconds to wait for a held arena (``STAGER_LEASE_TIMEOUT``)."""
     max_arenas: int = 2
     """Most persistent arenas kept at once (``STAGER_MAX_ARENAS``)."""
+    max_plans: int = 3
+    """Most plans kept at once, each with its arenas and source references
+    (``STAGER_MAX_PLANS``)."""
     alignment: int = 256
     """Byte alignment of regions in the arena and device chunks (``STAGER_ALIGNMENT``)."""
     pack_threshold: int = 1 << 20
@@ -126,7 +130,9 @@ class StagerConfig:
     triton: Mode = Mode.AUTO
     """Triton pack kernel for small regions (``STAGER_TRITON``)."""
     nvtx: bool = False
-    """NVTX ranges for nsys (``STAGER_NVTX``)."""
+    """Profiler ranges for torch.profiler and nsys (``STAGER_NVTX``)."""
+    profile_checkpoints: CheckpointSet = CheckpointSet()
+    """Checkpoints bracketed for ``nsys --capture-range=cudaProfilerApi`` (``STAGER_PROFILE_CHECKPOINTS``)."""
     host_reserve: int = 1 << 30
     """Host bytes never used for staging (``STAGER_HOST_RESERVE``)."""
     device_reserve: int = 512 << 20

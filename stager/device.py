@@ -1,20 +1,21 @@
 """The device staging path: one :class:`DeviceCopier` per CUDA device a state dict lives on.
 
-For each ``stage()`` that has regions on its device, a copier (on the caller's thread):
+For each ``stage()`` that has regions on its device, a copier (on the staging thread):
 
 1. takes the staging program for the plan (built once per plan: small regions in packed runs,
    large ones direct, see :mod:`stager.graphs.program`) and makes sure its device chunks exist;
    where they cannot be allocated (``torch.cuda.OutOfMemoryError``) the program is rebuilt with
    every region direct and the stats say so;
-2. binds the program to the staged set's arena (once per arena, sources and chunks; again only
-   when a source moved);
-3. makes its low-priority side stream wait for the caller's current stream (on the device: the
-   CPU does not wait);
+2. binds the program to the staged set's arena (once per arena; the plan check before every stage
+   is what guarantees that the sources are still where the bindings say);
+3. makes its low-priority side stream wait for what the caller marked at call time (an event on
+   the caller's current stream, or that stream itself), on the device: the CPU does not wait;
 4. runs the program on the side stream: a CUDA-graph replay (:class:`CudaGraphExecutor`, one per
    cached arena, since each arena is a different destination) when the arena is cached and
    pinned and graphs are on; eagerly otherwise;
-5. records a ``done`` event after it and returns a :class:`PendingCopy` that holds the event and
+5. records the ``done`` event it is given after it, and adds it to a :class:`PendingCopy` with
    every tensor the queued copies touch (sources, chunks, graphs, arena) until it is waited on.
+   A replay costs one launch per piece and one event record, whatever the number of ops.
 
 The decision packed / direct and the chunk size is taken in one place,
 :meth:`DeviceCopier._decide_packing` (the headroom module plugs in there).
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stager.envs import Mode, format_size
-from stager.graphs.cuda_graph import Action, CaptureKey, CudaGraphExecutor
+from stager.graphs.cuda_graph import Action, CaptureKey, CudaGraphExecutor, capture_key
 from stager.graphs.eager import run_eager
 from stager.graphs.program import Bindings, Program, bind_program, build_program
 
@@ -53,6 +54,8 @@ _LOW_PRIORITY = 0
 side stream ranks below a training stream only if that one was created with a higher priority."""
 
 _EXECUTOR_RANK = {"cpu": 0, "eager": 1, "graph-replay": 2, "graph-capture": 3}
+_EXECUTOR_OF = {Action.CAPTURE: "graph-capture", Action.REPLAY: "graph-replay", Action.EAGER: "eager"}
+_UNREAD = object()
 
 
 def combine_executor(a: str, b: str) -> str:
@@ -100,11 +103,11 @@ class PendingCopy:
 
 @dataclass(eq=False)
 class _Entry:
-    """Per staged set: its bindings, their fingerprint, and (cached sets) its graph executor."""
+    """Per staged set: its bindings and (cached, pinned sets) the graph executor bound to them."""
 
     bindings: Bindings | None = None
-    fingerprint: tuple[int, ...] = ()
     executor: CudaGraphExecutor | None = None
+    key: CaptureKey | None = None
 
 
 class DeviceCopier:
@@ -120,11 +123,13 @@ class DeviceCopier:
         self.device = device
         self.config = config
         self._stream: Any = None
-        self._plan: "Plan | None" = None
+        self._programs: "weakref.WeakKeyDictionary[Plan, Program]" = weakref.WeakKeyDictionary()
         self.program: Program | None = None
-        """The staging program of the current plan."""
+        """The staging program of the plan staged last."""
         self.path = ""
-        """``packed`` or ``direct``: what the current program does."""
+        """``packed`` or ``direct``: what the program staged last does."""
+        self._link: Any = _UNREAD
+        self._index = device.index
         self._chunks: tuple[torch.Tensor, ...] = ()
         self._entries: "weakref.WeakKeyDictionary[StagedSet, _Entry]" = weakref.WeakKeyDictionary()
         self.captures = 0
@@ -144,17 +149,27 @@ class DeviceCopier:
     def _drop_entries(self) -> None:
         self._entries = weakref.WeakKeyDictionary()
 
-    def forget_plan(self) -> None:
-        """Drop the program, bindings and graphs of the current plan (it was replaced), so they
-        no longer keep its sources alive. Chunks and the stream stay for the next plan."""
-        self._drop_entries()
-        self.program = None
-        self._plan = None
+    def forget_plan(self, plan: "Plan") -> None:
+        """Drop the program of ``plan`` (the stager let it go). Its bindings and graphs belong to
+        its staged sets and go with them; chunks and the stream stay for the other plans."""
+        program = self._programs.pop(plan, None)
+        if program is not None and program is self.program:
+            self.program = None
 
     def close(self) -> None:
-        """Drop the graphs, bindings and chunks (copies in flight keep what they use)."""
-        self.forget_plan()
+        """Drop the programs, graphs, bindings and chunks (copies in flight keep what they use)."""
+        self._programs = weakref.WeakKeyDictionary()
+        self._drop_entries()
+        self.program = None
         self._chunks = ()
+
+    def link(self) -> Any:
+        """The device's PCIe link (:class:`stager.headroom.LinkInfo`, or None), read once."""
+        if self._link is _UNREAD:
+            from stager.headroom import read_link
+
+            self._link = read_link(self._index)
+        return self._link
 
     # ------------------------------------------------------------------ program and chunks
 
@@ -198,8 +213,11 @@ class DeviceCopier:
         )
 
     def _program_for(self, plan: "Plan", stats: "StageStats") -> Program:
-        if plan is self._plan and self.program is not None:
-            return self.program
+        program = self._programs.get(plan)
+        if program is not None:
+            self.program = program
+            self.path = "packed" if program.packed else "direct"
+            return program
         program = self._build(plan)
         if program.packed:
             pack, chunk_size, reason = self._decide_packing(program)
@@ -216,10 +234,10 @@ class DeviceCopier:
             )
             log.warning("stager: %s", stats.notes[-1])
             program = self._build(plan, pack=False)
-        if not program.packed and self._chunks:
+        if not program.packed and self._chunks and not any(p.packed for p in self._programs.values()):
             self._chunks = ()  # not needed any more: give the memory back
-        self._drop_entries()  # bindings and graphs of the previous plan (its sets are gone)
-        self._plan = plan
+            self._drop_entries()
+        self._programs[plan] = program
         self.program = program
         self.path = "packed" if program.packed else "direct"
         if log.isEnabledFor(logging.DEBUG):
@@ -266,20 +284,30 @@ class DeviceCopier:
             non_blocking=staged_set.arena.pinned,
         )
 
+    def prepare(self, plan: "Plan", staged_set: "StagedSet", stats: "StageStats") -> None:
+        """Build the program and chunks of ``plan`` and bind them to a cached ``staged_set``,
+        copying nothing (``GraphStager.prewarm``)."""
+        with torch.cuda.device(self.device.index):
+            program = self._program_for(plan, stats)
+            if staged_set.cached and staged_set not in self._entries:
+                with torch.cuda.stream(self.stream):
+                    self._entries[staged_set] = _Entry(bindings=self._bind(plan, program, staged_set))
+
     def launch(
         self,
         plan: "Plan",
         staged_set: "StagedSet",
-        caller_stream: Any,
+        wait_for: Any,
         stats: "StageStats",
         pending: PendingCopy | None = None,
     ) -> PendingCopy:
         """Queue the copies of this device's regions of ``plan`` into ``staged_set``.
 
-        ``caller_stream`` is the stream that produced the sources (the caller's current stream,
-        taken on the caller's thread); the side stream waits for it on the device. Returns at
-        once with ``pending`` (a new one by default), to which the done event was added: wait on
-        it before reading the staged tensors.
+        ``wait_for`` is what produced the sources: a ``torch.cuda.Event`` recorded on the
+        caller's stream when ``stage()`` was called, or that stream itself; the side stream waits
+        for it on the device. Returns ``pending`` (a new one by default) at once, with the done
+        event and what the copies use added: wait on it before reading the staged tensors. The caller has checked the
+        plan against the sources of this call (nothing here reads their addresses again).
         """
         cfg = self.config
         if pending is None:
@@ -287,8 +315,6 @@ class DeviceCopier:
         with torch.cuda.device(self.device.index):
             side = self.stream
             program = self._program_for(plan, stats)
-            # The sources' addresses, as the plan check of this very call found them.
-            fingerprint = tuple(map(plan.src_ptrs.__getitem__, program.regions))
             graphs = self._graphs_wanted(staged_set, stats)
             # Cached sets keep their bindings (and graphs); a fresh set is bound for this call only.
             entry = self._entries.get(staged_set) if staged_set.cached else None
@@ -296,46 +322,37 @@ class DeviceCopier:
                 entry = _Entry()
                 if staged_set.cached:
                     self._entries[staged_set] = entry
-            bindings = entry.bindings
-            if bindings is None or bindings.program is not program or entry.fingerprint != fingerprint:
+            if entry.bindings is None or entry.bindings.program is not program:
                 # Binding prepares the pack tables on the side stream (a host-to-device copy):
                 # before the side stream is made to wait for the caller.
                 with torch.cuda.stream(side):
-                    bindings = self._bind(plan, program, staged_set)
-                entry.bindings = bindings
-                entry.fingerprint = fingerprint
+                    entry.bindings = self._bind(plan, program, staged_set)
+                entry.executor = None
+            bindings = entry.bindings
             # blocking: a thread that waits on it sleeps instead of spinning a CPU core
             done = torch.cuda.Event(blocking=True)
-            bindings.events["done"] = done
-            side.wait_stream(caller_stream)
+            if isinstance(wait_for, torch.cuda.Event):
+                side.wait_event(wait_for)
+            else:
+                side.wait_stream(wait_for)
             try:
                 if graphs:
                     if entry.executor is None:
                         entry.executor = CudaGraphExecutor(side, pieces=cfg.replay_pieces, nvtx_enabled=cfg.nvtx)
-                    key = CaptureKey(
-                        program=program.key,
-                        arena=bindings.arena.data_ptr(),
-                        chunks=tuple(c.data_ptr() for c in bindings.chunks[: program.slots]),
-                        sources=fingerprint,
-                    )
-                    action = entry.executor.run(bindings, key)
-                    if action in (Action.CAPTURE, Action.RECAPTURE):
+                        entry.key = capture_key(bindings)
+                    action = entry.executor.run(bindings, entry.key, done)
+                    if action is Action.CAPTURE:
                         self.captures += 1
                     elif action is Action.REPLAY:
                         self.replays += 1
-                    executor = {
-                        Action.CAPTURE: "graph-capture",
-                        Action.RECAPTURE: "graph-capture",
-                        Action.REPLAY: "graph-replay",
-                        Action.EAGER: "eager",
-                    }[action]
+                    executor = _EXECUTOR_OF[action]
                     if action is Action.EAGER and entry.executor.tracker.failure:
                         note = f"{self.device}: graph capture failed ({entry.executor.tracker.failure}); eager"
                         if note not in stats.notes:
                             stats.notes.append(note)
                     keep: Any = (bindings, entry.executor.keepalive(), plan.src_views, self._chunks)
                 else:
-                    run_eager(bindings, stream=side, nvtx_enabled=cfg.nvtx)
+                    run_eager(bindings, stream=side, nvtx_enabled=cfg.nvtx, done=done)
                     executor = "eager"
                     keep = (bindings, plan.src_views, self._chunks)
             except BaseException:
@@ -345,8 +362,6 @@ class DeviceCopier:
                     done.record(side)
                     pending.add(done, (bindings, plan.src_views, self._chunks))
                 raise
-            finally:
-                bindings.events.pop("done", None)
         pending.add(done, keep)
         stats.executor = combine_executor(stats.executor, executor)
         stats.device_path = "packed" if self.path == "packed" or stats.device_path == "packed" else "direct"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from stager.errors import StagerConfigError
+from stager.nvtx import CheckpointSet, parse_checkpoints
 
 __all__ = [
     "Knob",
@@ -206,6 +207,10 @@ KNOBS: tuple[Knob, ...] = (
          "How long stage() waits for a held arena before raising LeaseTimeoutError.", _parse_nonneg_float),
     Knob("max_arenas", "STAGER_MAX_ARENAS", 2, "an integer >= 1",
          "Most persistent (cached) host arenas kept at once.", _parse_positive_int),
+    Knob("max_plans", "STAGER_MAX_PLANS", 3, "an integer >= 1",
+         "Most plans kept at once, so that state dicts staged in turn (model only and full, an EMA "
+         "copy) each replay their own plan; each plan keeps its source storages alive.",
+         _parse_positive_int),
     Knob("alignment", "STAGER_ALIGNMENT", 256, "a power of two size from 16 to 2MiB such as 64 or 4KiB",
          "Byte alignment of every region in the host arena and the device chunks.", _parse_alignment),
     Knob("pack_threshold", "STAGER_PACK_THRESHOLD", 1 << 20, "a size such as 1MiB",
@@ -220,7 +225,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("triton", "STAGER_TRITON", Mode.AUTO, "auto, on or off",
          "Pack small regions with the Triton kernel (auto: when Triton and CUDA are available).", _enum_parser(Mode)),
     Knob("nvtx", "STAGER_NVTX", False, "0 or 1",
-         "Emit NVTX ranges (stager/plan, stager/replay, ...) for nsys.", _parse_bool),
+         "Emit profiler ranges (stager/plan, stager/replay, ...) for torch.profiler and nsys.", _parse_bool),
+    Knob("profile_checkpoints", "STAGER_PROFILE_CHECKPOINTS", CheckpointSet(),
+         "none, or checkpoint numbers counted from 1 such as 2, 2-3 or 1,4-5",
+         "Bracket these checkpoints with cudaProfilerStart/Stop for nsys --capture-range=cudaProfilerApi.",
+         parse_checkpoints),
     Knob("host_reserve", "STAGER_HOST_RESERVE", 1 << 30, "a size such as 2GiB",
          "Host memory left untouched for the rest of the process and the host.", parse_size),
     Knob("device_reserve", "STAGER_DEVICE_RESERVE", 512 << 20, "a size such as 512MiB",

@@ -58,6 +58,16 @@ class StagerClosedError(StagerError, RuntimeError):
     """The stager was used after ``close()``."""
 
 
+class SourceModifiedError(StagerError, RuntimeError):
+    """A source tensor was written while an asynchronous ``stage()`` was copying it.
+
+    DCP's contract is that the caller leaves the sources alone until the staging ``Future``
+    resolves (``response.staging_completion`` or ``stager.synchronize_staging()`` before the
+    next optimizer step). The staged copy of that call is not handed out; the message names
+    the key path of the first tensor found written.
+    """
+
+
 class RegionTableError(StagerError, ValueError):
     """A pack/unpack region table is malformed (bad dtype or shape, overlap, out of bounds)."""
 

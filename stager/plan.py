@@ -2,10 +2,13 @@
 
 A plan is built from one state dict and reused for every later ``stage()`` of a dict with the same
 *signature*: the same nested structure (container types and keys) and, for every tensor, the same
-``(data_ptr, size, stride, dtype)``. Checking the signature is the only per-tensor Python work a
-replay does: four C-level calls per tensor for the signature, compared column by column
-(addresses first), one more for a lazy negative view, and one per source storage to see that it
-has not moved (:meth:`Plan.matches`), with Python's cyclic garbage collector paused.
+``(data_ptr, size, stride, dtype)``. :meth:`Plan.matches` is the one place that decides that the
+sources are where the plan says; nothing downstream checks it again. Per call it compares the
+structure tokens first (a different dict is rejected before any tensor is read), then reads four
+C-level columns per tensor for the signature, compared column by column (addresses first), one
+more per tensor for a lazy negative view (and one per complex tensor for a conjugate view), and
+two per source storage (address and size: a storage that moved, or was freed and re-allocated
+smaller at the same address, no longer matches), with Python's cyclic garbage collector paused.
 
 Layout. Tensors are grouped by source storage. For each storage the plan stages one *region*: the
 byte span that its tensors reference (from the lowest first byte to the highest last byte, the
@@ -24,10 +27,11 @@ the signature covers the local tensor, and :func:`rebuild` wraps the staged loca
 DTensor with the same spec. ``torch.distributed.tensor`` is never imported here: a DTensor can
 only exist once its module is loaded, so the class is looked up in ``sys.modules``.
 
-Sources. The plan keeps a uint8 view of every source region, which keeps the source storages
-alive, and the address of each view when it was planned. The copies read those views. A match
-therefore needs both halves: the walked tensors have the planned signature, *and* every view is
-still at its planned address. A storage can move under the plan: ``untyped_storage().resize_()``
+Sources. The plan keeps every source storage and a uint8 view of every source region, which keep
+the sources alive, and each storage's address and the bytes the region needs of it when it was
+planned. The copies read those views. A match therefore needs both halves: the walked tensors
+have the planned signature, *and* every storage is still at its planned address with at least
+the planned bytes. A storage can move under the plan: ``untyped_storage().resize_()``
 (as FSDP does to free and re-gather parameters) gives it new memory and frees the old, which
 another storage can then take, so a new tensor can turn up at a planned address while the view
 the plan would copy from points elsewhere (or at nothing). While both halves hold, an equal
@@ -40,7 +44,8 @@ from __future__ import annotations
 import copy
 import gc
 import io
-from collections import deque
+import operator
+from collections import OrderedDict, defaultdict, deque
 from itertools import chain, islice
 from operator import attrgetter
 import pickle
@@ -110,9 +115,13 @@ class Leaf:
     cls: type
 
 
-@dataclass
+@dataclass(eq=False)
 class Plan:
-    """A flattened, de-duplicated, laid-out state dict, reusable while its signature holds."""
+    """A flattened, de-duplicated, laid-out state dict, reusable while its signature holds.
+
+    A plan is not changed once built (only :meth:`release_sources` drops its references), so
+    several threads may read it; compared and hashed by identity.
+    """
 
     tokens: list[tuple]
     signature: TensorSignature
@@ -125,8 +134,17 @@ class Plan:
     alignment: int
     src_views: list[torch.Tensor] = field(repr=False)
     """uint8 view of every region's source span, in region order (keeps the sources alive)."""
+    src_storages: list[torch.UntypedStorage] = field(default_factory=list, repr=False)
+    """The source storage of every region, in region order."""
     src_ptrs: list[int] = field(default_factory=list, repr=False)
-    """Address of every ``src_views`` span when planned (checked on every match)."""
+    """Address of every ``src_storages`` storage when planned (checked on every match)."""
+    src_ends: list[int] = field(default_factory=list, repr=False)
+    """Bytes of its storage each region reaches (offset + size; checked on every match)."""
+    holds_sources: bool = True
+    """False once :meth:`release_sources` dropped the sources: the plan matches nothing."""
+    attr_index: list[int] = field(default_factory=list, repr=False)
+    """Indices of the plain tensors that carried Python attributes (``t.note = ...``) when planned:
+    their staged tensors get a deep copy of the attributes on every stage."""
     complex_index: list[int] = field(default_factory=list, repr=False)
     """Indices of the complex tensors (the only ones that can carry a lazy conjugate bit)."""
     devices: list[torch.device] = field(default_factory=list)
@@ -140,23 +158,31 @@ class Plan:
     def matches(self, tokens: list[tuple], tensors: Sequence[torch.Tensor]) -> bool:
         """Whether a walked state dict (its ``tokens`` and ``tensors``) can be staged with this plan.
 
-        Also checks that no source storage the plan copies from has moved (see the module's
-        docstring), one ``data_ptr()`` per region, and that no tensor is a lazy negative or
-        conjugate view (whose bytes are not its values: same address, shape, stride and dtype as
-        the plain tensor, so the signature alone cannot tell them apart).
+        Structure first (cheap, and what tells two different dicts apart), then the tensors'
+        signature, then that every source storage the plan copies from is still at its planned
+        address with at least the bytes the plan reads of it (see the module's docstring), then
+        that no tensor is a lazy negative or conjugate view (whose bytes are not its values: same
+        address, shape, stride and dtype as the plain tensor, so the signature alone cannot tell
+        them apart).
         """
+        if not self.holds_sources or len(tensors) != len(self.signature) or tokens != self.tokens:
+            return False
         T = torch.Tensor
-        return (
-            self.signature.matches(tensors)
-            and tokens == self.tokens
-            and list(map(T.data_ptr, self.src_views)) == self.src_ptrs
-            and not any(map(T.is_neg, tensors))
-            and not any(map(T.is_conj, map(tensors.__getitem__, self.complex_index)))
-        )
+        S = torch.UntypedStorage
+        with gc_paused():
+            return (
+                self.signature.matches(tensors)
+                and list(map(S.data_ptr, self.src_storages)) == self.src_ptrs
+                and all(map(operator.le, self.src_ends, map(S.nbytes, self.src_storages)))
+                and not any(map(T.is_neg, tensors))
+                and not any(map(T.is_conj, map(tensors.__getitem__, self.complex_index)))
+            )
 
     def release_sources(self) -> None:
         """Drop the references to the source storages (the plan matches nothing afterwards)."""
+        self.holds_sources = False
         self.src_views = []
+        self.src_storages = []
         self.cpu_src = []
 
 
@@ -288,11 +314,11 @@ def walk(
                     if paths is not None:
                         paths.extend(f"{path}[{k!r}][{ik!r}]" for k, d in zip(keys, values) for ik in d)
                     return
-        if cls is dict:
-            tokens.append((_DICT, cls, keys))
-        else:
-            tokens.append((_DICT, cls, keys))
-            others.append(obj)  # the container itself: copied shallowly, then refilled
+        tokens.append((_DICT, cls, keys))
+        if cls is not dict:
+            if paths is not None:
+                _check_mapping(obj, path)
+            others.append(obj)  # the template: its class and attributes, refilled with staged items
         for k, v in zip(keys, values):
             walk(v, tokens, tensors, others, paths, f"{path}[{k!r}]" if paths is not None else "")
     elif cls is list or cls is tuple:
@@ -373,16 +399,21 @@ def rebuild(
     staged: list[torch.Tensor],
     sources: list[torch.Tensor],
     others: list[Any],
+    attr_index: Sequence[int] = (),
 ) -> Any:
     """Rebuild the nested structure from ``tokens`` around the ``staged`` tensors.
 
     ``sources`` are the walked source tensors (same order as ``staged``), needed to deep-copy
-    arbitrary objects with their tensors replaced by the staged ones.
+    arbitrary objects with their tensors replaced by the staged ones, and the Python attributes
+    of the plain tensors at ``attr_index`` (:attr:`Plan.attr_index`) onto their staged tensors.
     """
     tok_it = iter(tokens)
     ten_it = iter(range(len(staged)))
     oth_it = iter(others)
     memo: dict[int, Any] = {}
+    for i in attr_index:
+        for name, value in sources[i].__dict__.items():
+            setattr(staged[i], name, copy.deepcopy(value, memo))
     return _build(tok_it, ten_it, oth_it, staged, sources, memo)
 
 
@@ -417,12 +448,7 @@ def _build(
         values = [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in keys]
         if template is None:
             return dict(zip(keys, values))
-        out = copy.copy(template)
-        out.clear()
-        out.update(zip(keys, values))
-        if getattr(template, "__dict__", None):
-            out.__dict__.update(copy.deepcopy(template.__dict__, memo))
-        return out
+        return _new_mapping(template, zip(keys, values), memo)
     if kind == _LIST:
         return [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[1])]
     if kind == _TUPLE:
@@ -456,6 +482,42 @@ def _build(
             local[id(sources[i])] = staged[i]
         return copy.deepcopy(obj, local)
     raise AssertionError(f"unknown structure token {tok!r}")  # pragma: no cover
+
+
+def _new_mapping(template: dict, items: Iterator[tuple[Any, Any]], memo: dict[int, Any]) -> dict:
+    """A dict of ``template``'s class holding ``items``, with a deep copy of its attributes.
+
+    None of the subclass's own methods is called (as with PyTorch's ``StateDictStager``): its
+    ``update`` may mean something else (``Counter`` counts the items), its ``__setitem__`` or
+    ``__setattr__`` may refuse or redirect (read-only and attribute-style dicts). Items go in
+    through the builtin base (``OrderedDict``'s, which keeps its own order, or ``dict``'s), and
+    attributes straight into the instance ``__dict__``; ``defaultdict`` keeps its factory.
+    """
+    cls = type(template)
+    out = cls.__new__(cls)
+    setitem = OrderedDict.__setitem__ if isinstance(template, OrderedDict) else dict.__setitem__
+    for k, v in items:
+        setitem(out, k, v)
+    if isinstance(template, defaultdict):
+        defaultdict.__init__(out, template.default_factory)  # no arguments: keeps the items
+    attrs = getattr(template, "__dict__", None)
+    if attrs:
+        vars(out).update(copy.deepcopy(attrs, memo))
+    return out
+
+
+def _check_mapping(obj: dict, path: str) -> None:
+    """Refuse, before anything is copied, a dict subclass that :func:`_new_mapping` cannot make."""
+    cls = type(obj)
+    try:
+        _new_mapping(obj, iter(()), {})
+    except Exception as exc:
+        raise StagingInputError(
+            path or "<root>",
+            f"dict subclass {cls.__qualname__} cannot be rebuilt without calling its constructor "
+            f"({type(exc).__name__}: {exc})",
+            "stage a plain dict (dict(obj)) or make the class constructible with cls.__new__(cls)",
+        ) from None
 
 
 def _make_dtensor(cls: type, local: torch.Tensor, spec: Any) -> Any:
@@ -616,6 +678,7 @@ def build_plan(
 
     regions: list[Region] = []
     src_views: list[torch.Tensor] = []
+    src_storages: list[torch.UntypedStorage] = []
     index_of: dict[tuple[int, torch.device], int] = {}
     for i, key in enumerate(order):
         st = groups[key][3]
@@ -624,6 +687,7 @@ def build_plan(
         index_of[key] = i
         regions.append(region)
         src_views.append(torch.empty(0, dtype=torch.uint8, device=key[1]).set_(st, lo, (nbytes,), (1,)))
+        src_storages.append(st)
 
     leaves: list[Leaf] = []
     for t, p, where in zip(tensors, paths, per_tensor):
@@ -651,7 +715,10 @@ def build_plan(
         nbytes=sum(r.nbytes for r in regions),
         alignment=alignment,
         src_views=src_views,
-        src_ptrs=[v.data_ptr() for v in src_views],
+        src_storages=src_storages,
+        src_ptrs=[st.data_ptr() for st in src_storages],
+        src_ends=[r.src_offset + r.nbytes for r in regions],
+        attr_index=[i for i, t in enumerate(tensors) if type(t) in _PLAIN_TENSOR_TYPES and t.__dict__],
         complex_index=[i for i, t in enumerate(tensors) if t.is_complex()],
         devices=devices,
         cpu_index=cpu_index,

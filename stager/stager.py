@@ -1,22 +1,30 @@
 """``GraphStager``: a drop-in ``AsyncStager`` for ``torch.distributed.checkpoint.async_save``.
 
-One ``stage()`` call:
+Every entry point (``stage()``, synchronous or asynchronous, ``stage_nowait()``, ``prewarm()``)
+runs one pipeline, :meth:`GraphStager._pipeline`, one call at a time:
 
-1. walks the state dict and checks it against the cached plan (re-plans when it changed; bad
-   input raises here, before anything is copied);
-2. takes a host arena for the staged copy: a free cached one, another one, a fresh one or, per the
-   lease policy, waits for one to come free (see :mod:`stager.headroom`);
-3. copies every source region into its slot (CPU sources: ``_foreach_copy_``, split over up to
+1. walk the state dict and find the plan it matches among the plans kept (up to
+   ``max_plans``; a new plan otherwise: bad input raises here, before anything is copied);
+2. take a host arena for the staged copy: a free cached one of that plan, another one, a fresh
+   one or, per the lease policy, wait for one to come free (see :mod:`stager.headroom`);
+3. copy every source region into its slot (CPU sources: ``_foreach_copy_``, split over up to
    ``torch.get_num_threads()`` threads when there are many; device sources: the staging program
    on a low-priority side stream, replayed as CUDA graphs, see :mod:`stager.device` and
    :mod:`stager.graphs`);
-4. rebuilds the nested structure around the staged tensors and deep-copies the other leaves.
+4. rebuild the nested structure around the staged tensors (while device copies are in flight)
+   and deep-copy the other leaves; wait for the copies (except ``stage_nowait``).
 
-With ``async_staging`` on, ``stage()`` returns a ``concurrent.futures.Future`` of the staged dict,
-as DCP's ``DefaultStager`` does. For device sources, steps 2-3 still run in ``stage()``, on the
-caller's thread, because they only *queue* the copies (a side stream waits on the device for the
-caller's current stream, then one graph replay); a background thread waits for the done event and
-then rebuilds the dict (step 4). CPU sources are copied on that thread.
+Stats are filled and failures cleaned up in that one function. With ``async_staging`` on,
+``stage()`` only records what must be fixed at call time -- on a GPU, an event on the caller's
+current stream of each device the stager has staged from, which the side stream waits on, so the
+copy sees exactly the state at the call -- and hands the whole pipeline to the staging thread.
+Its ``Future`` resolves when the copy is complete; as DCP's contract says, the sources must not
+be written until then, and a source whose version counter moved while it was being copied fails
+that ``Future`` with :class:`~stager.errors.SourceModifiedError` instead of handing out a copy
+that may mix two steps.
+
+One stager may be called from several threads: the pipeline is serialized, and plans are not
+changed once published. A forked child gets fresh locks and thread pools.
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Iterator
 
 import torch
@@ -37,21 +48,59 @@ from stager.arena import HostArena, StagedSet
 from stager.config import StagerConfig
 from stager.device import DeviceCopier, PendingCopy
 from stager.envs import CachePolicy, Mode
-from stager.headroom import HostDecision, decide_host, read_host, read_link
-from stager.errors import LeaseTimeoutError, StagerClosedError, StagingInputError
+from stager.errors import (
+    LeaseTimeoutError,
+    SourceModifiedError,
+    StagerClosedError,
+    StagingInputError,
+)
+from stager.headroom import HostDecision, decide_host, read_host
 from stager.plan import Plan, build_plan, find_cycle, gc_paused, rebuild, walk
 from stager.stats import StageStats
 from stager.stats import record as record_stats
 
-__all__ = ["GraphStager"]
+__all__ = ["GraphStager", "HostBytes"]
 
 log = logging.getLogger("stager")
 
 _REGIONS_PER_THREAD = 1024  # below this many CPU regions per thread, one thread copies them all
+_VERSION = attrgetter("_version")
+
+
+@dataclass(frozen=True)
+class HostBytes:
+    """Host memory held by a stager's arenas (see :meth:`GraphStager.host_bytes`)."""
+
+    total: int
+    """Bytes of every arena alive: cached ones, spares and fresh ones still held."""
+    pinned: int
+    """The part of ``total`` registered with CUDA (page-locked)."""
+
+
+@dataclass(eq=False)
+class _PlanSlot:
+    """A plan kept by the stager, with the staged sets (cached arenas) laid out for it."""
+
+    plan: Plan
+    sets: list[StagedSet] = field(default_factory=list)
+
+
+_STAGERS: "weakref.WeakSet[GraphStager]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Locks may have been held by a thread that does not exist in the child, and pool threads are
+    # gone: a child that used an inherited stager would wait for ever. Give each a fresh start.
+    for s in list(_STAGERS):
+        s._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class GraphStager:
-    """Stage state dicts into host memory with a cached plan and leased, reusable host arenas.
+    """Stage state dicts into host memory with cached plans and leased, reusable host arenas.
 
     Implements DCP's ``AsyncStager`` protocol, so it plugs into
     ``dcp.async_save(state_dict, checkpoint_id=path, async_stager=GraphStager())``.
@@ -76,14 +125,8 @@ class GraphStager:
         elif overrides:
             config = config.replace(**overrides)
         self.config = config
-        self._plan: Plan | None = None
-        self._sets: list[StagedSet] = []
+        self._slots: list[_PlanSlot] = []  # most recently used first
         self._closed = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._future: Future | None = None
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(threading.Lock())
-        self._active = 0  # stage()/stage_nowait() calls running now
         self.last_stats: StageStats | None = None
         """Statistics of the most recent ``stage()`` call."""
         self.plans_built = 0
@@ -91,10 +134,27 @@ class GraphStager:
         self._pinned = self._want_pinned()
         self._spare_arenas: list[HostArena] = []
         self._cpu_threads = max(1, min(8, torch.get_num_threads()))
-        self._copy_pool: ThreadPoolExecutor | None = None
         self._fresh_alive = 0
+        self._fresh_bytes = [0, 0]  # total, pinned
         self._last_decision: HostDecision | None = None
         self._copiers: dict[torch.device, DeviceCopier] = {}
+        self._calls = 0  # stage() calls so far, for the profiler window
+        self._window = nvtx.profiler_window(config)
+        self._init_concurrency()
+        _STAGERS.add(self)
+
+    def _init_concurrency(self) -> None:
+        self._lock = threading.RLock()  # the pipeline: one stage at a time
+        self._counter_lock = threading.Lock()
+        self._idle = threading.Condition(threading.Lock())
+        self._active = 0  # entry-point calls running now (close() waits for them)
+        self._executor: ThreadPoolExecutor | None = None
+        self._copy_pool: ThreadPoolExecutor | None = None
+        self._future: Future | None = None
+
+    def _reset_after_fork(self) -> None:
+        self._init_concurrency()
+        self._copiers = {}  # CUDA cannot be used in a forked child
 
     # ---------------------------------------------------------------- AsyncStager protocol
 
@@ -110,65 +170,53 @@ class GraphStager:
     def stage(self, state_dict: Any) -> Any:
         """Return a staged host copy of ``state_dict``, or a ``Future`` of it with async staging.
 
-        Raises:
+        With async staging the call returns after recording the caller's stream(s); the walk,
+        plan check, copy and rebuild run on the staging thread. Do not write the sources until
+        the ``Future`` resolves (``synchronize_staging()`` or the ``Future``'s ``result()``).
+
+        Raises (or, async, fails the ``Future`` with):
             StagingInputError: a leaf cannot be staged (names its key path); nothing was copied.
             StagingMemoryError: no host memory for the copy under the configured limits.
             LeaseTimeoutError: the lease policy is ``wait`` and no arena came free in time.
+            SourceModifiedError: (async only) a source was written while it was being copied.
             StagerClosedError: the stager was closed.
         """
         with self._call("stage"):
-            return self._stage(state_dict)
-
-    def _stage(self, state_dict: Any) -> Any:
-        t0 = time.perf_counter()
-        stats = StageStats()
-        plan, tensors, tokens, others = self._check_plan(state_dict, stats)
-        stats.plan_s = time.perf_counter() - t0
-        if not self.config.async_staging:
-            staged = self._stage_into(plan, tensors, tokens, others, stats, t0)
+            t0 = time.perf_counter()
+            stats = StageStats()
+            if not self.config.async_staging:
+                with self._profiled():
+                    staged, _ = self._pipeline(state_dict, stats, t0, None)
+                stats.blocked_s = stats.complete_s
+                return staged
+            marks = self._caller_marks()
+            result: Future = Future()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
+            # The caller's Future is not the one the stager keeps (to wait on in
+            # synchronize_staging and close): a Future holding the staged dict would keep its
+            # arena leased after the caller dropped it.
+            self._future = self._executor.submit(self._run_async, state_dict, stats, t0, marks, result)
             stats.blocked_s = time.perf_counter() - t0
-            self._finish(stats)
-            return staged
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
-        staged_set: StagedSet | None = None
-        pending: PendingCopy | None = None
-        if plan.device_regions:
-            # Device sources: queue the copies here, behind the caller's current stream(s), so they
-            # copy the values as of this call; the worker only waits for the done events.
-            staged_set = self._acquire(plan, stats)
-            pending = PendingCopy()
-            try:
-                self._launch_devices(plan, staged_set, stats, pending)
-            except BaseException:
-                pending.wait()
-                staged_set.done()
-                raise
+            return result
 
-        # The caller's Future is not the one the stager keeps (to wait on in synchronize_staging,
-        # re-planning and close): holding the staged dict in a Future of its own would keep its
-        # arena leased after the caller dropped it.
-        result: Future = Future()
-
-        def run() -> None:
-            wanted = result.set_running_or_notify_cancel()  # False: cancelled, still finish and release
-            try:
-                staged = self._stage_into(plan, tensors, tokens, others, stats, t0, staged_set, pending)
-                self._finish(stats)
-            except BaseException as exc:
-                if wanted:
-                    result.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                return
+    def _run_async(
+        self, state_dict: Any, stats: StageStats, t0: float, marks: dict | None, result: Future
+    ) -> None:
+        wanted = result.set_running_or_notify_cancel()  # False: cancelled, still finish and release
+        try:
+            with self._profiled():
+                staged, _ = self._pipeline(state_dict, stats, t0, marks, check_versions=True)
+        except BaseException as exc:
             if wanted:
-                result.set_result(staged)
+                result.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if wanted:
+            result.set_result(staged)
 
-        self._future = self._executor.submit(run)
-        stats.blocked_s = time.perf_counter() - t0
-        return result
-
-    def stage_nowait(self, state_dict: Any) -> tuple[Any, PendingCopy | None]:
+    def stage_nowait(self, state_dict: Any, marks: dict | None = None) -> tuple[Any, PendingCopy | None]:
         """Stage ``state_dict`` but leave the device copies in flight (for :func:`stager.wrap`).
 
         Returns ``(staged, pending)``: the staged dict, whose tensors hold their final bytes only
@@ -177,49 +225,28 @@ class GraphStager:
         stream wait on each of ``pending.events``. Until then the sources must not be written
         (make the writing stream wait on the events first) and ``pending`` keeps them alive.
         CPU sources are copied before this returns. Ignores ``async_staging``.
+
+        ``marks`` is what :meth:`caller_marks` returned on the thread that produced the sources,
+        when this runs on another thread; by default the side streams wait for this thread's
+        current streams.
         """
         with self._call("stage_nowait"):
-            return self._stage_nowait(state_dict)
+            return self._pipeline(state_dict, StageStats(), time.perf_counter(), marks, leave_in_flight=True)
 
-    def _stage_nowait(self, state_dict: Any) -> tuple[Any, PendingCopy | None]:
-        t0 = time.perf_counter()
-        stats = StageStats()
-        plan, tensors, tokens, others = self._check_plan(state_dict, stats)
-        stats.plan_s = time.perf_counter() - t0
-        staged_set = self._acquire(plan, stats)
-        pending: PendingCopy | None = None
-        try:
-            if plan.device_regions:
-                pending = PendingCopy()
-                try:
-                    self._launch_devices(plan, staged_set, stats, pending)
-                except BaseException:
-                    pending.wait()
-                    raise
-            self._copy_cpu(plan, staged_set)
-            with gc_paused():
-                staged = rebuild(tokens, staged_set.handout(), tensors, others)
-        finally:
-            # The staged dict now holds the lease; a later stage on the same device is queued on
-            # the same side stream, behind these copies. Should the dict be dropped before they
-            # complete, the set still counts as leased until they have (a new plan must not
-            # take its arena while they may write into it).
-            staged_set.pending = pending
-            staged_set.done()
-        stats.nbytes = plan.nbytes
-        stats.tensors = len(plan.leaves)
-        stats.regions = len(plan.regions)
-        stats.blocked_s = time.perf_counter() - t0
-        self._finish(stats)
-        return staged, pending
+    def caller_marks(self) -> dict | None:
+        """Record, on the calling thread, an event on the current stream of every CUDA device
+        this stager has staged from (and of the current device): what a pipeline run on another
+        thread makes its side streams wait for. ``None`` without CUDA."""
+        return self._caller_marks()
 
     def synchronize_staging(self) -> None:
         """Wait until the last asynchronous ``stage()`` is complete (no-op when synchronous)."""
-        if self._future is not None:
-            self._future.result()
+        future = self._future
+        if future is not None:
+            future.result()
 
     def close(self) -> None:
-        """Wait for staging in flight, then drop the plan, its source references and the arenas.
+        """Wait for staging in flight, then drop the plans, their source references and arenas.
 
         Staged dicts already handed out stay valid (their memory lives as long as they do).
         Calling ``close()`` twice is harmless.
@@ -233,29 +260,27 @@ class GraphStager:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        if self._copy_pool is not None:
-            self._copy_pool.shutdown(wait=True)
-            self._copy_pool = None
-        self._sets.clear()
-        for copier in self._copiers.values():
-            copier.close()
-        self._copiers.clear()
-        if self._plan is not None:
-            self._plan.release_sources()
-        self._plan = None
+        with self._lock:
+            if self._copy_pool is not None:
+                self._copy_pool.shutdown(wait=True)
+                self._copy_pool = None
+            for copier in self._copiers.values():
+                copier.close()
+            self._copiers.clear()
+            for slot in self._slots:
+                slot.plan.release_sources()
+            self._slots = []
+            self._spare_arenas = []
 
     @contextlib.contextmanager
     def _call(self, name: str) -> Iterator[None]:
-        """One ``stage()``/``stage_nowait()`` call: refused once closed, waited for by ``close()``."""
+        """One entry-point call: refused once closed, waited for by ``close()``."""
         with self._idle:
             if self._closed:
                 raise StagerClosedError(f"{name}() called on a closed GraphStager; create a new one")
             self._active += 1
         try:
-            # Arenas, chunks and staged tensors made inside torch.inference_mode() would be
-            # inference tensors, which no later stage outside it may write or hand out.
-            with torch.inference_mode(False):
-                yield
+            yield
         finally:
             with self._idle:
                 self._active -= 1
@@ -269,70 +294,255 @@ class GraphStager:
         """Close the stager (see :meth:`close`)."""
         self.close()
 
+    # ---------------------------------------------------------------- frameworks
+
+    def prewarm(self, state_dict: Any) -> None:
+        """Plan ``state_dict``, allocate (and pin) its host arena and device chunks, copy nothing.
+
+        Call it before the training loop so that the first checkpoint does not pay for planning,
+        allocation and pinning inside it. Bad input raises here as it would in ``stage()``.
+        """
+        with self._call("prewarm"), self._lock, torch.inference_mode(False):
+            stats = StageStats()
+            slot, _, _, _ = self._find_plan(state_dict, stats)
+            if any(not s.leased() for s in slot.sets):
+                return
+            staged_set = self._acquire(slot, stats)
+            try:
+                for device in slot.plan.device_regions:
+                    if device.type == "cuda":
+                        self._copier(device).prepare(slot.plan, staged_set, stats)
+            finally:
+                staged_set.in_flight = False  # nothing was handed out
+
+    def release_sources(self) -> None:
+        """Drop every reference the stager keeps to source storages (for offload and refit).
+
+        The plans, their programs and CUDA graphs go with them; arenas are kept as spares for the
+        next plan. The next ``stage()`` plans anew. Waits for staging in flight.
+        """
+        self.synchronize_staging_quietly()
+        with self._lock:
+            for slot in self._slots:
+                self._drop_slot(slot)
+            self._slots = []
+
+    def release(self, staged: Any) -> None:
+        """End the lease of ``staged`` (a staged dict, or the ``Future`` of one) now.
+
+        Every tensor in it is emptied (``set_()``), so it can no longer be read, and the arena
+        behind it comes free for the next ``stage()`` as soon as nothing else (a view, a writer)
+        still holds its memory. Use it when something you do not control (an executor callback,
+        a failed write's traceback) keeps the staged dict alive after it was written.
+        """
+        if isinstance(staged, Future):
+            if not staged.done():
+                raise ValueError("release() of a staging Future that has not resolved: wait for it first")
+            if staged.exception() is not None:
+                return
+            staged = staged.result()
+        tokens: list[tuple] = []
+        tensors: list[torch.Tensor] = []
+        walk(staged, tokens, tensors, [])
+        for t in tensors:
+            if t.device.type == "cpu":
+                t.set_()
+
+    def host_bytes(self) -> HostBytes:
+        """Host bytes held by this stager's arenas now (total and pinned)."""
+        with self._counter_lock:
+            total, pinned = self._fresh_bytes
+        seen: set[int] = set()
+        arenas = [s.arena for slot in list(self._slots) for s in list(slot.sets)] + list(self._spare_arenas)
+        for a in arenas:
+            if id(a) in seen:
+                continue
+            seen.add(id(a))
+            total += a.mapped_bytes
+            pinned += a.mapped_bytes if a.pinned else 0
+        return HostBytes(total=total, pinned=pinned)
+
+    def synchronize_staging_quietly(self) -> None:
+        """Wait for the last asynchronous stage, ignoring its outcome (its caller sees it)."""
+        future = self._future
+        if future is not None:
+            with contextlib.suppress(BaseException):
+                future.result()
+
+    # ---------------------------------------------------------------- the pipeline
+
+    def _pipeline(
+        self,
+        state_dict: Any,
+        stats: StageStats,
+        t0: float,
+        marks: dict | None,
+        *,
+        leave_in_flight: bool = False,
+        check_versions: bool = False,
+    ) -> tuple[Any, PendingCopy | None]:
+        """Carry one stage from the plan check to the staged dict; the only place that does.
+
+        ``marks``: what the caller's streams were at call time (:meth:`_caller_marks`); ``None``
+        makes the side streams wait for the current streams of this thread. ``leave_in_flight``
+        returns with device copies still running (their :class:`PendingCopy` is returned and the
+        set stays leased until they complete). ``check_versions`` fails the stage when a source's
+        version counter moved between the walk and the end of the copy.
+        """
+        with self._lock, torch.inference_mode(False):
+            slot, tensors, tokens, others = self._find_plan(state_dict, stats)
+            plan = slot.plan
+            versions = list(map(_VERSION, tensors)) if check_versions else None
+            stats.plan_s = time.perf_counter() - t0
+            staged_set = self._acquire(slot, stats)
+            pending: PendingCopy | None = None
+            completed = False
+            try:
+                t1 = time.perf_counter()
+                if plan.device_regions:
+                    pending = PendingCopy()
+                    self._launch_devices(plan, staged_set, stats, pending, marks)
+                self._copy_cpu(plan, staged_set)
+                copied = time.perf_counter()
+                # Built while the device copies are still in flight: the dict needs no bytes.
+                with gc_paused():
+                    staged = rebuild(tokens, staged_set.handout(), tensors, others, plan.attr_index)
+                if pending is not None and not leave_in_flight:
+                    pending.wait()
+                    copied = time.perf_counter()
+                    t1 = min(t1, pending.t0)
+                if pending is None or not leave_in_flight:
+                    stats.copy_s = copied - t1
+                completed = True
+            finally:
+                if pending is not None and not (completed and leave_in_flight):
+                    pending.wait()  # never hand the set back while a copy may still write into it
+                    pending = None
+                # A set whose copies may still be running counts as leased until they complete,
+                # even once its dict was dropped (a new plan must not take its arena meanwhile).
+                staged_set.pending = pending
+                staged_set.done()
+            if versions is not None:
+                self._check_versions(plan, tensors, versions)
+            stats.nbytes = plan.nbytes
+            stats.tensors = len(plan.leaves)
+            stats.regions = len(plan.regions)
+            stats.complete_s = time.perf_counter() - t0
+            self._finish(stats)
+            return staged, pending
+
+    @staticmethod
+    def _check_versions(plan: Plan, tensors: list[torch.Tensor], versions: list[int]) -> None:
+        now = list(map(_VERSION, tensors))
+        if now == versions:
+            return
+        i = next(i for i, (a, b) in enumerate(zip(versions, now)) if a != b)
+        raise SourceModifiedError(
+            f"{plan.leaves[i].path or '<root>'} was written while it was being staged (its version "
+            f"counter went from {versions[i]} to {now[i]}); this checkpoint's copy may mix two "
+            "steps and was not handed out. Wait for staging to complete before the next optimizer "
+            "step: response.staging_completion.result() or stager.synchronize_staging()"
+        )
+
+    @contextlib.contextmanager
+    def _profiled(self) -> Iterator[None]:
+        """Bracket the chosen checkpoints with the CUDA profiler (``STAGER_PROFILE_CHECKPOINTS``);
+        an asynchronous stage is bracketed on the staging thread, where its whole pipeline runs."""
+        with self._counter_lock:
+            self._calls += 1
+            n = self._calls
+        with self._window.stage(n):
+            yield
+
+    def _caller_marks(self) -> dict | None:
+        if not torch.cuda.is_available():
+            return None
+        devices = {d for slot in self._slots for d in slot.plan.device_regions if d.type == "cuda"}
+        devices.add(torch.device("cuda", torch.cuda.current_device()))
+        marks = {}
+        for d in devices:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(d))
+            marks[d] = ev
+        return marks
+
     # ---------------------------------------------------------------- planning
 
     @property
     def plan(self) -> Plan | None:
-        """The current plan (``None`` before the first ``stage()``)."""
-        return self._plan
+        """The plan used by the most recent stage (``None`` before the first ``stage()``)."""
+        slots = self._slots
+        return slots[0].plan if slots else None
 
-    def _check_plan(
+    @property
+    def plans(self) -> list[Plan]:
+        """Every plan kept, most recently used first (at most ``max_plans``)."""
+        return [slot.plan for slot in self._slots]
+
+    @property
+    def _sets(self) -> list[StagedSet]:
+        """Every cached staged set of every plan kept (for inspection)."""
+        return [s for slot in self._slots for s in slot.sets]
+
+    def _find_plan(
         self, state_dict: Any, stats: StageStats
-    ) -> tuple[Plan, list[torch.Tensor], list[tuple], list[Any]]:
-        """Walk ``state_dict``; return the plan to stage it with (re-planned when it changed), its
-        tensors, its structure tokens as walked now (equal to the plan's, but with this call's
-        key objects) and its other leaves."""
+    ) -> tuple[_PlanSlot, list[torch.Tensor], list[tuple], list[Any]]:
+        """Walk ``state_dict``; return the slot of the plan it matches (a new one when none
+        does), its tensors, its structure tokens as walked now (equal to the plan's, but with
+        this call's key objects) and its other leaves."""
         with nvtx.range("stager/plan", self.config.nvtx):
-            return self._check_plan_inner(state_dict, stats)
-
-    def _check_plan_inner(
-        self, state_dict: Any, stats: StageStats
-    ) -> tuple[Plan, list[torch.Tensor], list[tuple], list[Any]]:
-        tokens: list[tuple] = []
-        tensors: list[torch.Tensor] = []
-        others: list[Any] = []
-        plan = self._plan
-        with gc_paused():
+            tokens: list[tuple] = []
+            tensors: list[torch.Tensor] = []
+            others: list[Any] = []
+            with gc_paused():
+                try:
+                    walk(state_dict, tokens, tensors, others)
+                    for i, slot in enumerate(self._slots):
+                        if slot.plan.matches(tokens, tensors):
+                            if i:
+                                self._slots.insert(0, self._slots.pop(i))
+                            return slot, tensors, tokens, others
+                except (StagingInputError, RecursionError, RuntimeError, NotImplementedError):
+                    pass  # walked again below, with key paths: the error names the leaf
+            # Walk again with key paths, validate every leaf, lay out a new arena.
+            paths: list[str] = []
+            tokens, tensors, others = [], [], []
             try:
-                walk(state_dict, tokens, tensors, others)
-                if plan is not None and plan.matches(tokens, tensors):
-                    return plan, tensors, tokens, others
-            except (StagingInputError, RecursionError, RuntimeError, NotImplementedError):
-                pass  # walked again below, with key paths: the error names the leaf
-        # Walk again with key paths, validate every leaf, lay out a new arena.
-        paths: list[str] = []
-        tokens, tensors, others = [], [], []
-        try:
-            walk(state_dict, tokens, tensors, others, paths)
-        except RecursionError:
-            raise StagingInputError(
-                find_cycle(state_dict) or "<root>",
-                "the state dict contains itself (a cycle) or nests deeper than Python's recursion limit",
-                "remove the cycle",
-            ) from None
-        new_plan = build_plan(
-            tokens, tensors, paths, alignment=self.config.alignment, pack_threshold=self.config.pack_threshold
-        )
-        self._replace_plan(new_plan)
-        stats.replanned = True
-        return new_plan, tensors, tokens, others
+                walk(state_dict, tokens, tensors, others, paths)
+            except RecursionError:
+                raise StagingInputError(
+                    find_cycle(state_dict) or "<root>",
+                    "the state dict contains itself (a cycle) or nests deeper than Python's recursion limit",
+                    "remove the cycle",
+                ) from None
+            plan = build_plan(
+                tokens, tensors, paths, alignment=self.config.alignment, pack_threshold=self.config.pack_threshold
+            )
+            slot = self._add_plan(plan)
+            stats.replanned = True
+            return slot, tensors, tokens, others
 
-    def _replace_plan(self, plan: Plan) -> None:
-        if self._future is not None and not self._future.done():
-            self._future.result()  # the worker must not be using the old plan's sets
-        old = self._plan
-        self._plan = plan
+    def _add_plan(self, plan: Plan) -> _PlanSlot:
+        slot = _PlanSlot(plan)
+        self._slots.insert(0, slot)
         self.plans_built += 1
-        # Arenas of free cached sets are reused by the new plan when large enough.
-        self._spare_arenas = [
-            s.arena for s in self._sets if not s.leased() and s.arena.nbytes >= plan.arena_bytes
-        ][: self.config.max_arenas]
-        self._sets = []
+        while len(self._slots) > self.config.max_plans:
+            self._drop_slot(self._slots.pop())
+        log.debug(
+            "stager: new plan, %d tensors in %d regions, %d bytes", len(plan.leaves), len(plan.regions), plan.arena_bytes
+        )
+        return slot
+
+    def _drop_slot(self, slot: _PlanSlot) -> None:
+        """Let a plan go: its free arenas become spares, its sources and programs are dropped."""
+        keep = self.config.max_arenas
+        for s in slot.sets:
+            if not s.leased() and len(self._spare_arenas) < keep:
+                self._spare_arenas.append(s.arena)
+        slot.sets = []
         for copier in self._copiers.values():
-            copier.forget_plan()  # its bindings hold the old plan's sources
-        if old is not None:
-            old.release_sources()
-        log.debug("stager: new plan, %d tensors in %d regions, %d bytes", len(plan.leaves), len(plan.regions), plan.arena_bytes)
+            copier.forget_plan(slot.plan)
+        slot.plan.release_sources()
 
     # ---------------------------------------------------------------- arenas and leases
 
@@ -346,50 +556,83 @@ class GraphStager:
         return available
 
     def _new_arena(self, plan: Plan, stats: StageStats) -> HostArena:
-        if self._spare_arenas:
-            return self._spare_arenas.pop()
+        for i, a in enumerate(self._spare_arenas):
+            if a.nbytes >= plan.arena_bytes:
+                return self._spare_arenas.pop(i)
         arena = HostArena(plan.arena_bytes, pinned=self._pinned, shared=self.config.shared_memory)
         stats.alloc_s += arena.alloc_s + arena.pin_s
         return arena
 
+    def _cached_sets(self) -> int:
+        return sum(len(slot.sets) for slot in self._slots)
+
+    def _take_free_arena(self, plan: Plan) -> HostArena | None:
+        """A free cached arena of another plan large enough for ``plan`` (least recent first)."""
+        for slot in reversed(self._slots):
+            if slot.plan is plan:
+                continue
+            for s in slot.sets:
+                if s.arena.nbytes >= plan.arena_bytes and s.try_acquire():
+                    slot.sets.remove(s)
+                    return s.arena
+        return None
+
     def _fresh_set(self, plan: Plan, stats: StageStats) -> StagedSet:
-        s = StagedSet(plan, self._new_arena(plan, stats), cached=False)
+        arena = self._new_arena(plan, stats)
+        s = StagedSet(plan, arena, cached=False)
         s.in_flight = True
-        with self._lock:
+        nbytes = arena.mapped_bytes
+        pinned = nbytes if arena.pinned else 0
+        with self._counter_lock:
             self._fresh_alive += 1
-        weakref.finalize(s.arena.array, self._fresh_released)
+            self._fresh_bytes[0] += nbytes
+            self._fresh_bytes[1] += pinned
+        weakref.finalize(arena.array, self._fresh_released, nbytes, pinned)
         return s
 
-    def _fresh_released(self) -> None:
-        with self._lock:
+    def _fresh_released(self, nbytes: int, pinned: int) -> None:
+        with self._counter_lock:
             self._fresh_alive -= 1
+            self._fresh_bytes[0] -= nbytes
+            self._fresh_bytes[1] -= pinned
 
-    def _acquire(self, plan: Plan, stats: StageStats) -> StagedSet:
+    def _acquire(self, slot: _PlanSlot, stats: StageStats) -> StagedSet:
         """Take the host arena for this stage, following :func:`stager.headroom.decide_host`.
 
-        A free cached arena is reused without reading the headroom. Otherwise the host is read and
-        the decision is one of: another cached arena, a fresh arena (freed when its staged dict is
-        released), waiting for a held arena (up to ``lease_timeout``), or ``StagingMemoryError``.
+        A free cached arena of the plan is reused without reading the headroom. Otherwise the
+        host is read and the decision is one of: another cached arena (a free one of another
+        plan when the cap is reached), a fresh arena (freed when its staged dict is released),
+        waiting for a held arena (up to ``lease_timeout``), or ``StagingMemoryError``.
         """
         cfg = self.config
+        plan = slot.plan
         t0 = time.perf_counter()
         deadline = t0 + cfg.lease_timeout
         delay = 1e-4
         collected = False
         while True:
             if cfg.cache_policy is not CachePolicy.FRESH:
-                for s in self._sets:
+                for s in slot.sets:
                     if s.try_acquire():
                         waited = time.perf_counter() - t0 if collected else 0.0
                         stats.waited_s = waited
                         stats.arena = "cached after wait" if waited else "cached"
                         stats.host_decision = HostDecision.REUSE.value
                         return s
+                if self._cached_sets() >= cfg.max_arenas:
+                    arena = self._take_free_arena(plan)
+                    if arena is not None:
+                        s = StagedSet(plan, arena, cached=True)
+                        s.in_flight = True
+                        slot.sets.append(s)
+                        stats.arena = "cached"
+                        stats.host_decision = HostDecision.REUSE.value
+                        return s
             host = read_host(reserve_bytes=cfg.host_reserve, shared_memory=cfg.shared_memory)
             decision = decide_host(
                 plan.arena_bytes,
                 cached_arena_free=False,
-                cached_arenas=len(self._sets),
+                cached_arenas=self._cached_sets(),
                 max_cached_arenas=cfg.max_arenas,
                 host=host,
                 cache_policy=cfg.cache_policy,
@@ -403,7 +646,7 @@ class GraphStager:
             if decision is HostDecision.NEW_CACHED:
                 s = StagedSet(plan, self._new_arena(plan, stats), cached=True)
                 s.in_flight = True
-                self._sets.append(s)
+                slot.sets.append(s)
                 stats.arena = "new-cached"
                 return s
             if decision is HostDecision.FRESH:
@@ -416,7 +659,7 @@ class GraphStager:
                 continue
             if time.perf_counter() >= deadline:
                 raise LeaseTimeoutError(
-                    f"no host arena came free within {cfg.lease_timeout:g} s: {len(self._sets)} cached "
+                    f"no host arena came free within {cfg.lease_timeout:g} s: {self._cached_sets()} cached "
                     f"and {self._fresh_alive} fresh arena(s) are still held by earlier staged dicts; "
                     "release the staged dicts (and their tensors) once written, raise "
                     "STAGER_LEASE_TIMEOUT or STAGER_MAX_ARENAS, or set STAGER_LEASE_POLICY=allocate"
@@ -425,49 +668,6 @@ class GraphStager:
             delay = min(delay * 2, 0.01)
 
     # ---------------------------------------------------------------- copying
-
-    def _stage_into(
-        self,
-        plan: Plan,
-        tensors: list[torch.Tensor],
-        tokens: list[tuple],
-        others: list[Any],
-        stats: StageStats,
-        t0: float,
-        staged_set: StagedSet | None = None,
-        pending: PendingCopy | None = None,
-    ) -> Any:
-        """Copy into a staged set and rebuild the dict around it.
-
-        ``staged_set`` and ``pending`` are given when the device copies were already queued (by an
-        asynchronous ``stage()`` on the caller's thread); this then only waits for them.
-        """
-        if staged_set is None:
-            staged_set = self._acquire(plan, stats)
-        try:
-            t1 = time.perf_counter()
-            if pending is None and plan.device_regions:
-                pending = PendingCopy()
-                self._launch_devices(plan, staged_set, stats, pending)
-            self._copy_cpu(plan, staged_set)
-            copied = time.perf_counter()
-            # Built while the device copies are still in flight: the dict does not need their bytes.
-            with gc_paused():
-                staged = rebuild(tokens, staged_set.handout(), tensors, others)
-            if pending is not None:
-                pending.wait()
-                copied = time.perf_counter()
-                t1 = min(t1, pending.t0)
-            stats.copy_s = copied - t1
-        finally:
-            if pending is not None:
-                pending.wait()  # never hand the set back while a copy may still write into it
-            staged_set.done()
-        stats.nbytes = plan.nbytes
-        stats.tensors = len(plan.leaves)
-        stats.regions = len(plan.regions)
-        stats.complete_s = time.perf_counter() - t0
-        return staged
 
     def _copy_cpu(self, plan: Plan, staged_set: StagedSet) -> None:
         # Many small CPU regions cost ~2 us of per-tensor overhead each inside _foreach_copy_, not
@@ -490,36 +690,30 @@ class GraphStager:
                 for f in futures:
                     f.result()
 
-    def _launch_devices(self, plan: Plan, staged_set: StagedSet, stats: StageStats, pending: PendingCopy) -> None:
-        """Queue the copies of every device's regions (call on the caller's thread)."""
-        for device, idx in plan.device_regions.items():
-            self._copy_device(plan, staged_set, device, idx, stats, pending)
-        stats.captures = sum(c.captures for c in self._copiers.values())
-        stats.replays = sum(c.replays for c in self._copiers.values())
-
-    def _copy_device(
-        self,
-        plan: Plan,
-        staged_set: StagedSet,
-        device: torch.device,
-        idx: list[int],
-        stats: StageStats,
-        pending: PendingCopy,
-    ) -> None:
-        if device.type != "cuda":
-            # Another accelerator: plain synchronous per-region copies.
-            for i in idx:
-                staged_set.bases[i].copy_(plan.src_views[i])
-            stats.device_path = "direct"
-            stats.executor = "eager"
-            return
-        if device.index is None:  # pragma: no cover - storages always name their device index
-            device = torch.device("cuda", torch.cuda.current_device())
+    def _copier(self, device: torch.device) -> DeviceCopier:
         copier = self._copiers.get(device)
         if copier is None:
             copier = self._copiers[device] = DeviceCopier(device, self.config)
-        # The caller's current stream on that device, read on the caller's thread.
-        copier.launch(plan, staged_set, torch.cuda.current_stream(device), stats, pending)
+        return copier
+
+    def _launch_devices(
+        self, plan: Plan, staged_set: StagedSet, stats: StageStats, pending: PendingCopy, marks: dict | None
+    ) -> None:
+        """Queue the copies of every device's regions."""
+        for device, idx in plan.device_regions.items():
+            if device.type != "cuda":
+                # Another accelerator: plain synchronous per-region copies.
+                for i in idx:
+                    staged_set.bases[i].copy_(plan.src_views[i])
+                stats.device_path = "direct"
+                stats.executor = "eager"
+                continue
+            mark = marks.get(device) if marks else None
+            if mark is None:
+                mark = torch.cuda.current_stream(device)  # synchronous: the calling thread's stream
+            self._copier(device).launch(plan, staged_set, mark, stats, pending)
+        stats.captures = sum(c.captures for c in self._copiers.values())
+        stats.replays = sum(c.replays for c in self._copiers.values())
 
     # -- restore: see stager/restore.py
 
@@ -541,7 +735,7 @@ class GraphStager:
 
         if isinstance(staged, Future):  # what stage() returns with async staging
             staged = staged.result()
-        arenas = [s.arena.tensor for s in self._sets]
+        arenas = [s.arena.tensor for slot in self._slots for s in slot.sets]
         cfg = self.config
         return restore_state(
             staged, into, nvtx_enabled=cfg.nvtx, host_buffers=arenas,
@@ -552,8 +746,11 @@ class GraphStager:
         if stats.copy_s > 0:
             stats.gbps = stats.nbytes / stats.copy_s / 1e9
             if self._copiers:
-                link = read_link(next(iter(self._copiers)))  # cached after the first reading
+                link = next(iter(self._copiers.values())).link()  # read once per copier
                 if link is not None:
                     stats.link_fraction = link.fraction(stats.gbps * 1e9)
+        held = self.host_bytes()
+        stats.host_bytes = held.total
+        stats.pinned_bytes = held.pinned
         self.last_stats = stats
         record_stats(stats)

@@ -57,6 +57,10 @@ class StageStats:
     """``nbytes`` / ``copy_s`` in GB/s (10^9 bytes per second)."""
     link_fraction: float | None = None
     """``gbps`` as a fraction of the PCIe link's bandwidth, when NVML can read the link."""
+    host_bytes: int = 0
+    """Host bytes of the arenas this stager holds after the call (cached and fresh ones alive)."""
+    pinned_bytes: int = 0
+    """The part of ``host_bytes`` that is pinned (registered with CUDA)."""
     captures: int = 0
     """CUDA-graph captures so far on this stager."""
     replays: int = 0
