@@ -34,7 +34,6 @@ import logging
 import mmap
 import os
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from stager import shm
 from stager.errors import StagerError, StagingMemoryError
 
 if TYPE_CHECKING:
@@ -150,9 +150,27 @@ def _cuda_register(ptr: int, nbytes: int) -> int:
 
 
 def _release(
-    mm: mmap.mmap | None, ptr: int, nbytes: int, pinned: bool, path: str | None, device: int | None = None
+    mm: mmap.mmap | None,
+    ptr: int,
+    nbytes: int,
+    pinned: bool,
+    path: str | None,
+    device: int | None = None,
+    owner_pid: int | None = None,
 ) -> None:
     _unregister(ptr)
+    if owner_pid is not None and owner_pid != os.getpid():
+        # A forked child dropping (or exiting with) its parent's arena. The parent still uses it:
+        # its /dev/shm file stays (see stager.shm), and CUDA, unusable in a forked child, is not
+        # asked to unregister it. The child's own copy of a pageable mapping is closed; a pinned
+        # range may not even be mapped here (the driver can exclude it from the fork), and
+        # unmapping that address could hit a later mapping of the child's: left to the exit.
+        if mm is not None and not pinned:
+            try:
+                mm.close()
+            except (BufferError, ValueError):  # pragma: no cover - an export still alive
+                pass
+        return
     if pinned:
         code = 0
         try:
@@ -182,16 +200,16 @@ def _release(
         except (BufferError, ValueError):  # pragma: no cover - an export still alive; GC frees it later
             pass
     if path is not None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        shm.release_owned(path)
 
 
 class HostArena:
     """``nbytes`` of host memory, optionally pinned and/or in shared memory.
 
-    The memory lives until the arena object and every storage created over it are gone.
+    The memory lives until the arena object and every storage created over it are gone. Only the
+    process that created it releases it (a forked child that inherits it leaves it alone), and a
+    shared arena's file is locked by its creator and removed by it, or after it died by the next
+    process that creates a shared arena (see :mod:`stager.shm`).
     """
 
     def __init__(
@@ -204,6 +222,8 @@ class HostArena:
         self.pinned = pinned
         self.shared = shared
         self.mapped_bytes = (nbytes + _PAGE - 1) // _PAGE * _PAGE
+        self.owner_pid = os.getpid()
+        """The process that created the arena: the only one that unregisters, unmaps, unlinks it."""
         self.path: str | None = None
         ident: tuple[int, int] | None = None
         try:
@@ -239,7 +259,9 @@ class HostArena:
         _register(Segment(self.ptr, nbytes, self.path, ident, weakref.ref(self.array)))
         if shared:
             install_shared_reduction()
-        weakref.finalize(self.array, _release, mm, self.ptr, self.mapped_bytes, pinned, self.path, self.device)
+        weakref.finalize(
+            self.array, _release, mm, self.ptr, self.mapped_bytes, pinned, self.path, self.device, self.owner_pid
+        )
 
     def _populate(self) -> None:
         # Touch every page now (in parallel for large arenas) so the first stage does not fault.
@@ -258,10 +280,13 @@ class HostArena:
 def _map_shared(nbytes: int, shm_dir: str) -> tuple[mmap.mmap, str, tuple[int, int]]:
     """Create, reserve and map one ``nbytes`` file in ``shm_dir``; raises ``StagingMemoryError``.
 
-    The free space is checked first (``statvfs``) for a clear message, then the blocks are
-    reserved with ``posix_fallocate``: touching an unreserved page of a full tmpfs kills the
-    process with ``SIGBUS`` instead of raising.
+    Stale arena files (their owner died without removing them) are reclaimed the first time this
+    process uses ``shm_dir`` and again before giving up for lack of space. The free space is
+    checked first (``statvfs``) for a clear message, then the blocks are reserved with
+    ``posix_fallocate``: touching an unreserved page of a full tmpfs kills the process with
+    ``SIGBUS`` instead of raising. The file is locked by this process for its lifetime.
     """
+    reclaimed = shm.reclaim_once(shm_dir) or shm.Reclaimed()
     try:
         st = os.statvfs(shm_dir)
     except OSError as exc:
@@ -271,26 +296,41 @@ def _map_shared(nbytes: int, shm_dir: str) -> tuple[mmap.mmap, str, tuple[int, i
         ) from None
     free = st.f_bavail * st.f_frsize
     if free < nbytes:
+        more = shm.reclaim_stale(shm_dir)
+        reclaimed = shm.Reclaimed(
+            reclaimed.files + more.files, reclaimed.nbytes + more.nbytes, more.live_files, more.live_bytes
+        )
+        if more.files:
+            st = os.statvfs(shm_dir)
+            free = st.f_bavail * st.f_frsize
+    if free < nbytes:
         raise StagingMemoryError(
             f"shared-memory arena of {nbytes} bytes ({nbytes / 2**20:.1f} MiB) does not fit in {shm_dir}: "
             f"{free} bytes ({free / 2**20:.1f} MiB) free of {st.f_blocks * st.f_frsize} (statvfs); "
+            f"{reclaimed.describe()}; "
             "containers often mount a 64 MB /dev/shm: enlarge it (docker --shm-size, a Kubernetes "
             "emptyDir with medium: Memory) or set STAGER_SHARED_MEMORY=0 and use a thread-based writer"
         )
-    fd, path = tempfile.mkstemp(prefix=f"stager-arena-{os.getpid()}-", dir=shm_dir)
+    fd, path = shm.create_owned(shm_dir)
     try:
         try:
             os.posix_fallocate(fd, 0, nbytes)
-        except OSError as exc:
-            raise StagingMemoryError(
-                f"could not reserve {nbytes} bytes in {shm_dir} ({exc}); it holds {free} free bytes "
-                "by statvfs but another process may have taken them: enlarge it or set "
-                "STAGER_SHARED_MEMORY=0"
-            ) from None
+        except OSError as first:
+            more = shm.reclaim_stale(shm_dir)
+            try:
+                if not more.files:
+                    raise first
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                raise StagingMemoryError(
+                    f"could not reserve {nbytes} bytes in {shm_dir} ({exc}); it holds {free} free bytes "
+                    f"by statvfs but another process may have taken them ({more.describe()}): "
+                    "enlarge it or set STAGER_SHARED_MEMORY=0"
+                ) from None
         mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
         info = os.fstat(fd)
     except BaseException:
-        os.unlink(path)
+        shm.release_owned(path)
         raise
     finally:
         os.close(fd)
@@ -440,8 +480,8 @@ def _rebuild_storage(
             except OSError as exc:
                 raise StagerError(
                     f"shared arena segment {path} is gone ({exc}): the staging process released the "
-                    "staged dict before this process read it; keep the staged dict alive until the "
-                    "write completes"
+                    "staged dict before this process read it, or exited; keep the staged dict (and "
+                    "the staging process) alive until the write completes"
                 ) from None
             try:
                 info = os.fstat(fd)
