@@ -30,6 +30,19 @@ No autotuning: the configuration is fixed, so a warm-up launch compiles exactly 
 graph replays (``n_blocks`` is not specialised on, so one compiled kernel serves every table of
 a given direction and buffer alignment).
 
+Fused checksum
+--------------
+``pack_gather(table, out, checksums=c)`` also fills ``c`` (``int64``, one per region) with each
+region's ``stager-lanes64`` checksum (:mod:`stager.kernels.lanes64`). The kernel is then
+specialised with ``CHECKSUM=True``: after copying its chunk, each program reads the same chunk
+again as 8-byte lanes (from the cache it was just loaded through; 8-byte loads when the chunk is
+8-byte aligned, else bytes assembled little-endian), hashes them with their index in the region
+and stores one partial sum per launch row; two small torch ops on the same stream add the
+partials per region and finalise them (:func:`stager.kernels.checksum.combine_partials`). The
+per-chunk routine ``_chunk_hash_sum`` lives here and is shared with the stand-alone checksum
+kernel. Without ``checksums`` the kernel is specialised with ``CHECKSUM=False`` and is the plain
+copy described above.
+
 Backends
 --------
 The Triton kernel runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (set
@@ -51,6 +64,7 @@ from typing import Any
 import torch
 
 from stager.errors import RegionTableError
+from stager.kernels import lanes64 as _lanes64
 from stager.kernels.table import (
     BLOCK,
     WORD,
@@ -88,9 +102,77 @@ EDGE = 32
 NUM_WARPS = 4
 
 
+#: Lanes one iteration of the checksum's per-chunk loop hashes (``BLOCK // 8`` per chunk).
+LANE_TILE = 512
+
+
 def _jit(fn: Any) -> Any:
     # n_blocks is not specialised (on == 1 or % 16), so one compiled kernel serves every table.
     return triton.jit(fn, do_not_specialize=["n_blocks"]) if triton is not None else fn
+
+
+def _jit_helper(fn: Any) -> Any:
+    return triton.jit(fn) if triton is not None else fn
+
+
+# ---------------------------------------------------------------- stager-lanes64 on the device
+# The checksum's per-chunk routine (see stager.kernels.lanes64 for the definition), shared by the
+# checksum kernel (stager.kernels.checksum) and the pack kernel's fused checksum.
+
+if triton is not None:
+    _LANE_KEY = tl.constexpr(_lanes64.LANE_KEY)
+    _MIX1 = tl.constexpr(_lanes64.MIX1)
+    _MIX2 = tl.constexpr(_lanes64.MIX2)
+
+
+@_jit_helper
+def _fmix(z):
+    # SplitMix64's finaliser on uint64 (logical shifts, wrapping multiplies)
+    z = z ^ (z >> 30)
+    z = z * _MIX1
+    z = z ^ (z >> 27)
+    z = z * _MIX2
+    return z ^ (z >> 31)
+
+
+@_jit_helper
+def _chunk_hash_sum(addr, nbytes, lane0, LANE_TILE: tl.constexpr):
+    """Sum over a chunk's lanes of fmix(lane + (lane0 + j + 1) * LANE_KEY), as uint64.
+
+    ``addr``: int64 address of the chunk's first byte; ``nbytes``: its length (0 gives 0);
+    ``lane0``: index in its region of the chunk's first lane. Lanes are 8-byte loads when the
+    chunk is 8-byte aligned, else bytes assembled little-endian; the last 1..7 bytes form one
+    more lane, zeros above them (the tail rule).
+    """
+    src = addr.to(tl.pointer_type(tl.uint8))
+    n_full = nbytes // 8
+    j = tl.arange(0, LANE_TILE)
+    k = tl.arange(0, 8)
+    shifts = (k * 8).to(tl.uint64)
+    acc = tl.zeros((LANE_TILE,), dtype=tl.uint64)
+    if addr % 8 == 0:
+        words = src.to(tl.pointer_type(tl.uint64))
+        for start in range(0, n_full, LANE_TILE):
+            lane = start + j
+            m = lane < n_full
+            w = tl.load(words + lane, mask=m, other=0)
+            z = w + (lane0 + lane + 1).to(tl.uint64) * _LANE_KEY
+            acc += tl.where(m, _fmix(z), 0)
+    else:
+        for start in range(0, n_full, LANE_TILE):
+            lane = start + j
+            m = lane < n_full
+            pos = lane[:, None] * 8 + k[None, :]
+            b = tl.load(src + pos, mask=m[:, None], other=0).to(tl.uint64)
+            w = tl.sum(b << shifts[None, :], axis=1)
+            z = w + (lane0 + lane + 1).to(tl.uint64) * _LANE_KEY
+            acc += tl.where(m, _fmix(z), 0)
+    rest = nbytes - n_full * 8
+    tb = tl.load(src + n_full * 8 + k, mask=k < rest, other=0).to(tl.uint64)
+    tw = tl.sum(tb << shifts, axis=0)
+    tz = _fmix(tw + (lane0 + n_full + 1).to(tl.uint64) * _LANE_KEY)
+    total = tl.sum(acc, axis=0)
+    return tl.where(rest > 0, total + tz, total)
 
 
 @_jit
@@ -100,13 +182,19 @@ def _pack_copy_kernel(
     n_blocks,
     # packed buffer: contiguous uint8; 16-byte aligned when WIDE
     packed_ptr,
+    # checksum (CHECKSUM only): (n_blocks, 2) int64 rows (region, first lane), one int64 partial
+    # sum out per program
+    aux_ptr,
+    partials_ptr,
     # sizes
     BLOCK: tl.constexpr,
     BYTE_TILE: tl.constexpr,
     EDGE: tl.constexpr,
+    LANE_TILE: tl.constexpr,
     # modes
     GATHER: tl.constexpr,
     WIDE: tl.constexpr,
+    CHECKSUM: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     # A program past the table reads nbytes = 0 and copies nothing.
@@ -149,6 +237,12 @@ def _pack_copy_kernel(
             # int64 scalar arithmetic on the pointers; lanes stay int32
             m = lanes < nbytes - start
             tl.store(dst + start + lanes, tl.load(src + start + lanes, mask=m), mask=m)
+
+    if CHECKSUM:
+        # Hash the chunk just copied (gather only: the source region's bytes), from the cache.
+        lane0 = tl.load(aux_ptr + pid * 2 + 1, mask=live, other=0)
+        part = _chunk_hash_sum(addr, nbytes, lane0, LANE_TILE)
+        tl.store(partials_ptr + pid, part.to(tl.int64, bitcast=True), mask=live)
 
 
 def _interpreting() -> bool:
@@ -308,7 +402,7 @@ def _copy_reference(pt: PackTable, buf: torch.Tensor, *, gather: bool) -> None:
                 region.copy_(flat[offset : offset + nbytes])
 
 
-def _launch(pt: PackTable, buf: torch.Tensor, *, gather: bool) -> None:
+def _launch(pt: PackTable, buf: torch.Tensor, *, gather: bool, checksum: Any = None) -> None:
     if pt.n_blocks == 0:
         return
     with _device_context(pt.device):
@@ -316,25 +410,48 @@ def _launch(pt: PackTable, buf: torch.Tensor, *, gather: bool) -> None:
             blocks_ptr=pt.blocks,
             n_blocks=pt.n_blocks,
             packed_ptr=buf,
+            aux_ptr=checksum.aux if checksum is not None else pt.blocks,
+            partials_ptr=checksum.partials if checksum is not None else pt.blocks,
             BLOCK=BLOCK,
             BYTE_TILE=BYTE_TILE,
             EDGE=EDGE,
+            LANE_TILE=LANE_TILE,
             GATHER=gather,
             WIDE=buf.data_ptr() % WORD == 0,
+            CHECKSUM=checksum is not None,
             num_warps=NUM_WARPS,
         )
 
 
 def pack_gather_reference(
-    table: torch.Tensor | PackTable, out: torch.Tensor, *, validate: bool = True
+    table: Any,
+    out: torch.Tensor,
+    *,
+    validate: bool = True,
+    checksums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch :func:`pack_gather`: one ``copy_`` per region, on the current stream.
 
-    The oracle of the kernel tests and the fallback where Triton cannot run. Returns ``out``.
+    The oracle of the kernel tests and the fallback where Triton cannot run. With ``checksums``,
+    each region's checksum is computed afterwards by
+    :func:`~stager.kernels.checksum.region_checksums_reference`. Returns ``out``.
     """
+    table, ct = _split_checksum_table(table)
     pt = _prepared(table, out, "out", validate=validate, scatter=False, blocks=False)
     _copy_reference(pt, out, gather=True)
+    if checksums is not None:
+        from stager.kernels.checksum import region_checksums_reference
+
+        region_checksums_reference(ct if ct is not None else pt, checksums, device=pt.device)
     return out
+
+
+def _split_checksum_table(table: Any) -> tuple[Any, Any]:
+    """``(the pack table or region table, the ChecksumTable or None)`` of a ``table`` argument."""
+    pack = getattr(table, "pack", None)
+    if isinstance(pack, PackTable):  # a ChecksumTable
+        return pack, table
+    return table, None
 
 
 def unpack_scatter_reference(
@@ -346,11 +463,12 @@ def unpack_scatter_reference(
 
 
 def pack_gather(
-    table: torch.Tensor | PackTable,
+    table: Any,
     out: torch.Tensor,
     *,
     validate: bool = True,
     use_triton: bool | None = None,
+    checksums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Copy every region of ``table`` into ``out`` at its offset, in one kernel launch.
 
@@ -370,16 +488,40 @@ def pack_gather(
     reference elsewhere; True insists on the kernel (``RuntimeError`` where it cannot run);
     False forces the reference.
 
+    ``checksums``: an ``int64`` tensor with one element per region on ``out``'s device, filled
+    with each region's ``stager-lanes64`` checksum (see :mod:`stager.kernels.checksum`) by the
+    same launch: every program hashes the chunk it has just copied, then the partial sums are
+    added per region and finalised by two small torch ops on the same stream. Pass ``table`` as a
+    :class:`~stager.kernels.checksum.ChecksumTable` (``prepare_checksum_table``) to launch without
+    any allocation or host-to-device copy (CUDA-graph capture). Without ``checksums`` nothing of
+    this runs and the kernel is the plain copy.
+
     Raises :class:`~stager.errors.RegionTableError` naming the first bad row.
     """
     kernel = _use_kernel(
         use_triton, out.device if isinstance(out, torch.Tensor) else torch.device("cpu")
     )
-    pt = _prepared(table, out, "out", validate=validate, scatter=False, blocks=kernel)
-    if kernel:
-        _launch(pt, out, gather=True)
-    else:
-        _copy_reference(pt, out, gather=True)
+    if checksums is None:
+        table, _ = _split_checksum_table(table)
+        pt = _prepared(table, out, "out", validate=validate, scatter=False, blocks=kernel)
+        if kernel:
+            _launch(pt, out, gather=True)
+        else:
+            _copy_reference(pt, out, gather=True)
+        return out
+    if not kernel:
+        return pack_gather_reference(table, out, validate=validate, checksums=checksums)
+    from stager.kernels.checksum import _check_out, combine_partials, prepare_checksum_table
+
+    table, ct = _split_checksum_table(table)
+    pt = _prepared(table, out, "out", validate=validate, scatter=False, blocks=True)
+    if ct is None:
+        ct = prepare_checksum_table(pt)
+    elif ct.pack is not pt:  # pragma: no cover - _prepared returns a given PackTable as it is
+        raise RegionTableError("the checksum table was prepared for another pack table")
+    _check_out(checksums, ct.n_regions, pt.device)
+    _launch(pt, out, gather=True, checksum=ct)
+    combine_partials(ct, checksums)
     return out
 
 

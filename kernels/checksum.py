@@ -1,0 +1,299 @@
+"""Region checksums on the device: the ``stager-lanes64`` kernel, its launcher and its reference.
+
+Data format
+-----------
+The regions are those of a region table (``(n, 3)`` int64 rows ``(address, offset, nbytes)``, see
+:mod:`stager.kernels.table`); the ``offset`` column is not used here. The result is an ``int64``
+tensor of ``n`` checksums on the regions' device, one per row, holding the ``uint64`` value of
+:mod:`stager.kernels.lanes64` (same bits). A zero-length region has a checksum too (that of no
+bytes).
+
+A :class:`ChecksumTable` is what a launch reads besides the pack table's launch rows: per launch
+row, the region it belongs to and the index of its first lane in that region (rows are chunks of
+at most ``BLOCK`` bytes, a multiple of 8, so every chunk starts on a lane), and a buffer for one
+partial sum per row. :func:`prepare_checksum_table` builds it once (before CUDA-graph capture: a
+launch with a prepared table allocates nothing and copies nothing from the host).
+
+Kernel
+------
+One program per launch row. It reads its chunk's bytes as lanes (8-byte words when the chunk's
+address is 8-byte aligned, else bytes assembled little-endian), hashes each lane with its index in
+the region, and stores the sum of the hashes as the row's partial. The partials are then added
+per region (``index_add_``: integer addition, so the order does not matter and the result is
+deterministic) and finalised with the byte count, as plain torch ops on the device. All address
+arithmetic is int64, every load is masked, the arithmetic is ``uint64`` (wrapping).
+
+The per-chunk routine (``_chunk_hash_sum``, in :mod:`stager.kernels.pack`) also runs inside the
+pack kernel when
+``pack_gather(..., checksums=out)`` asks for it (see :mod:`stager.kernels.pack`): each program
+hashes the chunk it has just copied, so packed regions get their checksums from the same launch
+at no extra pass over device memory.
+
+Backends
+--------
+As for the pack kernel: compiled on CUDA tensors, interpreted on CPU tensors under
+``TRITON_INTERPRET=1``, and the plain-torch :func:`region_checksums_reference` (one region at a
+time, :func:`stager.kernels.lanes64.checksum_tensor_torch`) anywhere else. Kernel and reference
+agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stager.errors import RegionTableError
+from stager.kernels import lanes64
+from stager.kernels.pack import (
+    LANE_TILE,
+    _bytes_at,
+    _check_format,
+    _chunk_hash_sum,
+    _device_context,
+    _use_kernel,
+    tl,
+    triton,
+)
+from stager.kernels.table import BLOCK, PackTable, prepare_table
+
+__all__ = [
+    "ChecksumTable",
+    "prepare_checksum_table",
+    "region_checksums",
+    "region_checksums_reference",
+]
+
+#: Warps per program.
+NUM_WARPS = 4
+
+
+def _jit(fn: Any) -> Any:
+    return triton.jit(fn, do_not_specialize=["n_blocks"]) if triton is not None else fn
+
+
+@_jit
+def _checksum_kernel(
+    # launch table: (n_blocks, 4) int64 rows (address, offset, nbytes, wide), one per program
+    blocks_ptr,
+    # checksum rows: (n_blocks, 2) int64 (region, first lane in the region)
+    aux_ptr,
+    n_blocks,
+    # output: one int64 partial sum per launch row
+    partials_ptr,
+    # sizes
+    LANE_TILE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    live = pid < n_blocks
+    addr = tl.load(blocks_ptr + pid * 4, mask=live, other=0)
+    nbytes = tl.load(blocks_ptr + pid * 4 + 2, mask=live, other=0)
+    lane0 = tl.load(aux_ptr + pid * 2 + 1, mask=live, other=0)
+    part = _chunk_hash_sum(addr, nbytes, lane0, LANE_TILE)
+    tl.store(partials_ptr + pid, part.to(tl.int64, bitcast=True), mask=live)
+
+
+@dataclass(frozen=True, eq=False)
+class ChecksumTable:
+    """A :class:`~stager.kernels.table.PackTable` with what the checksum needs besides it.
+
+    Build it with :func:`prepare_checksum_table` once, then launch as often as needed (also under
+    CUDA-graph capture): no allocation and no host-to-device copy per launch.
+    """
+
+    pack: PackTable
+    """The regions and their launch rows."""
+    aux: torch.Tensor
+    """``(n_blocks, 2)`` int64 on the device: per launch row, its region and its first lane."""
+    block_region: torch.Tensor
+    """``aux[:, 0]`` as a contiguous ``(n_blocks,)`` tensor (the ``index_add_`` index)."""
+    partials: torch.Tensor
+    """``(n_blocks,)`` int64 on the device: one partial sum per launch row (overwritten)."""
+    nbytes: torch.Tensor
+    """``(n_regions,)`` int64 on the device: each region's length, for the final mix."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the regions and every tensor of the table live."""
+        return self.pack.device
+
+    @property
+    def n_regions(self) -> int:
+        """Rows of the region table: the length of the output."""
+        return self.pack.n_regions
+
+
+def _aux_rows(host: torch.Tensor) -> torch.Tensor:
+    """Per launch row (regions cut in BLOCK-byte chunks, in order): (region, first lane)."""
+    nbytes = host[:, 2].clamp(min=0)
+    counts = torch.where(nbytes > 0, (nbytes + (BLOCK - 1)) // BLOCK, 0)
+    total = int(counts.sum())
+    region = torch.repeat_interleave(torch.arange(host.shape[0]), counts)
+    first = torch.cumsum(counts, 0) - counts
+    lane0 = (torch.arange(total) - first[region]) * (BLOCK // 8)
+    return torch.stack([region, lane0], dim=1).contiguous()
+
+
+def _regions_only(table: object) -> torch.Tensor:
+    """The host region table with its offset column laid out back to back: a checksum reads no
+    packed buffer, so only the addresses and lengths are checked (by ``validate_table``)."""
+    host = _check_format(table).clone()
+    nbytes = host[:, 2].clamp(min=0)
+    host[:, 1] = torch.cumsum(nbytes, 0) - nbytes
+    return host
+
+
+def prepare_checksum_table(
+    table: torch.Tensor | PackTable, device: torch.device | str | int | None = None, *, validate: bool = True
+) -> ChecksumTable:
+    """Everything a checksum launch needs, on ``device`` (a PackTable's own device by default).
+
+    ``table`` is a region table (prepared here with :func:`prepare_table`) or a prepared
+    :class:`~stager.kernels.table.PackTable` (reused as it is: its launch rows are the chunks).
+    """
+    if isinstance(table, PackTable):
+        pt = table
+        if device is not None and torch.device(device) != pt.device:
+            raise RegionTableError(
+                f"the prepared table is for {pt.device}, not {torch.device(device)}; prepare it on the device"
+            )
+    else:
+        if device is None:
+            raise RegionTableError("prepare_checksum_table needs device= for a raw region table")
+        pt = prepare_table(_regions_only(table), device, validate=validate)
+    aux = _aux_rows(pt.regions)
+    if aux.shape[0] != pt.n_blocks:  # pragma: no cover - the two chunkings are the same rule
+        raise RegionTableError(f"checksum rows ({aux.shape[0]}) do not match the launch rows ({pt.n_blocks})")
+    dev = pt.device
+    if dev.type == "cuda":
+        aux_d = aux.pin_memory().to(dev, non_blocking=True)
+        nbytes = pt.regions[:, 2].clamp(min=0).contiguous().pin_memory().to(dev, non_blocking=True)
+    else:
+        aux_d = aux.to(dev)
+        nbytes = pt.regions[:, 2].clamp(min=0).contiguous().to(dev)
+    return ChecksumTable(
+        pack=pt,
+        aux=aux_d,
+        block_region=aux_d[:, 0].contiguous(),
+        partials=torch.zeros(pt.n_blocks, dtype=torch.int64, device=dev),
+        nbytes=nbytes,
+    )
+
+
+def _check_out(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=torch.int64, device=device)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.shape != (n,) or out.device != device:
+        got = (
+            f"dtype={out.dtype}, shape={tuple(out.shape)}, device={out.device}"
+            if isinstance(out, torch.Tensor)
+            else type(out).__name__
+        )
+        raise RegionTableError(
+            f"the checksum output must be an int64 tensor of shape ({n},) on {device}, one per region; got {got}"
+        )
+    if not out.is_contiguous():
+        raise RegionTableError(f"the checksum output must be contiguous; got stride {out.stride()}")
+    return out
+
+
+def combine_partials(ct: ChecksumTable, out: torch.Tensor) -> torch.Tensor:
+    """Add the launch rows' partial sums per region and finalise them into ``out`` (in place)."""
+    sums = torch.zeros(ct.n_regions, dtype=torch.int64, device=ct.device)
+    if ct.pack.n_blocks:
+        sums.index_add_(0, ct.block_region, ct.partials)
+    out.copy_(lanes64.finalize_torch(sums, ct.nbytes))
+    return out
+
+
+def _launch(ct: ChecksumTable) -> None:
+    if ct.pack.n_blocks == 0:
+        return
+    with _device_context(ct.device):
+        _checksum_kernel[(ct.pack.n_blocks,)](
+            blocks_ptr=ct.pack.blocks,
+            aux_ptr=ct.aux,
+            n_blocks=ct.pack.n_blocks,
+            partials_ptr=ct.partials,
+            LANE_TILE=LANE_TILE,
+            num_warps=NUM_WARPS,
+        )
+
+
+def _device_of(table: torch.Tensor | PackTable | ChecksumTable, device: Any) -> torch.device:
+    if isinstance(table, ChecksumTable):
+        return table.device
+    if isinstance(table, PackTable):
+        return table.device
+    if device is None:
+        raise RegionTableError("region_checksums needs device= with a raw region table (where the regions live)")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def region_checksums_reference(
+    table: torch.Tensor | PackTable | ChecksumTable,
+    out: torch.Tensor | None = None,
+    *,
+    device: torch.device | str | int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Plain-torch :func:`region_checksums`: one region at a time, on the current stream.
+
+    The oracle of the kernel tests and the fallback where Triton cannot run.
+    """
+    dev = _device_of(table, device)
+    if isinstance(table, ChecksumTable):
+        host = table.pack.regions
+    elif isinstance(table, PackTable):
+        host = table.regions
+    else:
+        host = _regions_only(table)
+        if validate:
+            from stager.kernels.table import validate_table
+
+            validate_table(host)
+    out = _check_out(out, int(host.shape[0]), dev)
+    values = []
+    with _device_context(dev):
+        for address, _, nbytes in host.tolist():
+            data = _bytes_at(address, nbytes, dev) if nbytes > 0 else torch.empty(0, dtype=torch.uint8, device=dev)
+            values.append(lanes64.to_signed(lanes64.checksum_tensor_torch(data)))
+    out.copy_(torch.tensor(values, dtype=torch.int64).reshape(-1))
+    return out
+
+
+def region_checksums(
+    table: torch.Tensor | PackTable | ChecksumTable,
+    out: torch.Tensor | None = None,
+    *,
+    device: torch.device | str | int | None = None,
+    validate: bool = True,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """The ``stager-lanes64`` checksum of every region of ``table``, in one kernel launch.
+
+    ``table`` is a region table (with ``device=``, where the regions live), a prepared
+    :class:`~stager.kernels.table.PackTable`, or a :class:`ChecksumTable` (prepare one for
+    repeated launches and CUDA-graph capture). ``out``: an ``int64`` tensor of one element per
+    region on the regions' device (allocated when None). Queued on the current stream; returns
+    ``out``. ``use_triton`` as for ``pack_gather``.
+
+    Raises :class:`~stager.errors.RegionTableError` for a malformed table or output.
+    """
+    dev = _device_of(table, device)
+    kernel = _use_kernel(use_triton, dev)
+    if not kernel:
+        return region_checksums_reference(table, out, device=dev, validate=validate)
+    if isinstance(table, ChecksumTable):
+        ct = table
+    elif isinstance(table, PackTable):
+        ct = prepare_checksum_table(table)
+    else:
+        ct = prepare_checksum_table(table, dev, validate=validate)
+    out = _check_out(out, ct.n_regions, dev)
+    _launch(ct)
+    return combine_partials(ct, out)
