@@ -16,6 +16,9 @@ steps around the checkpoint took than the median step without one, and checks th
 
 Each check prints PASS or FAIL; the exit status is non-zero if any failed. ``--plot FILE.png``
 draws the blocked time per checkpoint (needs the optional ``plot`` extra, matplotlib).
+``--trace FILE.json`` then trains a few more checkpoints under ``torch.profiler`` with the
+``stager/*`` ranges on, writes the trace (Chrome JSON: open it in Perfetto) and prints the time
+per ``stager/*`` range read back from it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
     "large": (8, 1024, 16, 16384, 256, 8),
 }
 _EXTRA_STEPS = 3  # steps trained past the last checkpoint before the in-memory restore
+_TRACE_CHECKPOINTS = 3  # checkpoints (one training step each) recorded by --trace
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -317,6 +321,64 @@ def _plot(path: str, runs: list[_Run], device: torch.device) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------ trace
+
+
+def range_times(trace_path: str | Path, prefix: str = "stager/") -> dict[str, tuple[int, float]]:
+    """``{range name: (count, total seconds)}`` of the complete events named ``prefix*`` in a
+    Chrome-format trace (what ``torch.profiler``'s ``export_chrome_trace`` writes)."""
+    import json
+
+    with open(trace_path, encoding="utf-8") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    times: dict[str, tuple[int, float]] = {}
+    for ev in events:
+        name = ev.get("name")
+        if ev.get("ph") == "X" and isinstance(name, str) and name.startswith(prefix):
+            count, total = times.get(name, (0, 0.0))
+            times[name] = (count + 1, total + float(ev.get("dur", 0)) * 1e-6)  # dur is in microseconds
+    return times
+
+
+def _trace(path: str, args: argparse.Namespace, device: torch.device, root: Path, out: Callable[[str], None]) -> None:
+    import stager
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    kwargs: dict[str, Any] = {}
+    try:  # the ranges of the stager's own threads (its writer) are recorded only with this
+        from torch._C._profiler import _ExperimentalConfig
+
+        kwargs["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
+    except (ImportError, TypeError):  # pragma: no cover - an older torch: the caller's thread only
+        pass
+    model, opt = _make(args.size, device, args.seed)
+    handle = stager.wrap(model, opt, nvtx=True)
+    try:
+        with profile(activities=activities, **kwargs) as prof:
+            for i in range(1, _TRACE_CHECKPOINTS + 1):
+                _train_step(model, opt, i, args.size, device)
+                handle.checkpoint(root / "trace" / f"ckpt-{i}")
+            _train_step(model, opt, _TRACE_CHECKPOINTS + 1, args.size, device)  # waits for the last staging
+            handle.wait()
+            _sync(device)
+    finally:
+        handle.close()
+    prof.export_chrome_trace(path)
+    times = range_times(path)
+    unit = "CPU" if device.type == "cpu" else "GPU"
+    out("")
+    out(f"trace of {_TRACE_CHECKPOINTS} checkpoints: {path} (open it in Perfetto); time per stager/* range ({unit} numbers):")
+    head = f"{'range':<16} {'count':>5} {'total ms':>10} {'mean ms':>9}"
+    out(head)
+    out("-" * len(head))
+    for name, (count, total) in sorted(times.items(), key=lambda kv: -kv[1][1]):
+        out(f"{name:<16} {count:>5} {1e3 * total:>10.3f} {1e3 * total / count:>9.3f}")
+    if not times:
+        out("(no stager/* range in the trace)")
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -333,6 +395,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default: small on CPU, large on GPU)")
     p.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary directory, removed)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="draw blocked time per checkpoint (needs matplotlib)")
+    p.add_argument("--trace", default=None, metavar="FILE.json",
+                   help="also record a few checkpoints with torch.profiler (stager/* ranges on), write the trace "
+                   "(open it in Perfetto) and print the time per stager/* range")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -462,6 +527,8 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
     if args.plot:
         _plot(args.plot, runs, device)
         out(f"plot: {args.plot}")
+    if args.trace:
+        _trace(args.trace, args, device, root, out)
     out("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
