@@ -2,13 +2,15 @@
 
 Prints versions (Python, torch, Triton, CUDA, driver), the GPUs and NVML's state, the PCIe link,
 host and device headroom with the source of every figure, the profile and every ``STAGER_*``
-value with its source, and the path a stage of ``--bytes`` (default 1 GiB, of which
-``--small-fraction`` is small tensors) would take right now.
+value with its source, stager's files in ``/dev/shm`` (owner, size, whether the owner still holds
+its lock, what is reclaimable; ``--reclaim`` removes the stale ones), and the path a stage of
+``--bytes`` (default 1 GiB, of which ``--small-fraction`` is small tensors) would take right now.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -43,7 +45,51 @@ def _driver_version() -> str:
         return f"unknown ({exc})"
 
 
-def report(nbytes: int = 1 << 30, small_fraction: float = 0.1, config: StagerConfig | None = None) -> list[str]:
+_SHM_STATES = {
+    "live": "lock held: in use",
+    "stale": "no lock held: its owner is gone, reclaimable",
+    "new": "being created (or stale, under a minute old)",
+    "unreadable": "another user's file (its lock cannot be probed)",
+}
+
+
+def shm_lines(shm_dir: str | None = None) -> list[str]:
+    """Stager's files in the shared-memory directory: owner, size, and what is reclaimable."""
+    from stager import arena, shm
+
+    where = shm_dir or arena.SHM_DIR
+    lines = [f"shared memory ({where}):"]
+    try:
+        st = os.statvfs(where)
+    except OSError as exc:
+        return lines + [f"  not usable ({exc}); shared-memory arenas (STAGER_SHARED_MEMORY=1) would fail"]
+    lines.append(
+        f"  {format_size(st.f_bavail * st.f_frsize)} free of {format_size(st.f_blocks * st.f_frsize)} (statvfs)"
+    )
+    files = shm.scan(where)
+    if not files:
+        return lines + ["  no stager arena files"]
+    for f in files:
+        owner = "pid unknown" if f.pid is None else f"pid {f.pid}" + (" (this process)" if f.mine else "")
+        lines.append(f"  {os.path.basename(f.path)}  {format_size(f.nbytes)}, {owner}, {_SHM_STATES[f.state]}")
+    stale = [f for f in files if f.reclaimable]
+    if stale:
+        lines.append(
+            f"  {len(stale)} stale file(s) of {format_size(sum(f.nbytes for f in stale))} reclaimable: the next "
+            "process that creates a shared arena removes them, or run python -m stager doctor --reclaim"
+        )
+    else:
+        lines.append("  nothing to reclaim")
+    return lines
+
+
+def report(
+    nbytes: int = 1 << 30,
+    small_fraction: float = 0.1,
+    config: StagerConfig | None = None,
+    *,
+    shm_dir: str | None = None,
+) -> list[str]:
     """The doctor's lines (also used by tests)."""
     from stager import headroom
 
@@ -74,6 +120,8 @@ def report(nbytes: int = 1 << 30, small_fraction: float = 0.1, config: StagerCon
     lines.append(f"configuration (profile {cfg.profile!r}):")
     width = max(len(name) for name, _, _ in cfg.describe())
     lines += [f"  {name:<{width}} = {value:<12} ({source})" for name, value, source in cfg.describe()]
+
+    lines += shm_lines(shm_dir)
 
     lines.append(f"a stage of {format_size(nbytes)} now ({small_fraction:.0%} in small tensors):")
     try:
@@ -106,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stager doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--bytes", default="1GiB", help="size of the hypothetical stage (default 1GiB)")
     parser.add_argument("--small-fraction", type=float, default=0.1, help="share of small tensors (0-1)")
+    parser.add_argument(
+        "--reclaim", action="store_true",
+        help="first remove stager's /dev/shm files whose owner is gone (as the next shared arena would)",
+    )
     args = parser.parse_args(argv)
     try:
         nbytes = parse_size(args.bytes)
@@ -113,5 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--bytes {args.bytes!r} is not a size such as 512MiB or 2GiB")
     if not 0 <= args.small_fraction <= 1:
         parser.error("--small-fraction must be between 0 and 1")
+    if args.reclaim:
+        from stager import arena, shm
+
+        done = shm.reclaim_stale(arena.SHM_DIR)
+        print(f"reclaimed {done.files} stale file(s) of {format_size(done.nbytes)} in {arena.SHM_DIR}")
     print("\n".join(report(nbytes, args.small_fraction)))
     return 0
