@@ -24,7 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         from stager.demo import main as run
     else:
         from stager.doctor import main as run
-    return run(rest)
+    from stager._cli import fail
+    from stager.errors import StagerError
+
+    # A command error is one line on stderr and a non-zero exit, never a traceback.
+    try:
+        return run(rest)
+    except (StagerError, OSError) as exc:
+        return fail(f"python -m stager {cmd}", exc)
+    except KeyboardInterrupt:
+        return fail(f"python -m stager {cmd}", "interrupted", 130)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ complete (lower is better; 1.0 is the floor).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import json
@@ -336,7 +335,9 @@ def format_table(head: dict, rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m stager bench``."""
-    parser = argparse.ArgumentParser(prog="python -m stager bench", description=__doc__.splitlines()[0])
+    from stager._cli import Parser, fail, unwritable_file
+
+    parser = Parser(prog="python -m stager bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cases", default="small,mixed,large", help="comma-separated: small,mixed,large")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per provider (after 2 warm-ups)")
@@ -347,6 +348,21 @@ def main(argv: list[str] | None = None) -> int:
         help="at most this long per provider and case (default: no limit); fewer calls are noted in the row",
     )
     args = parser.parse_args(argv)
+    if args.iters < 1:
+        parser.error(f"--iters {args.iters}: expected an integer >= 1 (timed calls per provider)")
+    if args.budget is not None and not args.budget >= 0:
+        parser.error(f"--budget {args.budget}: expected a number of seconds >= 0")
+    if args.json:
+        problem = unwritable_file(args.json)  # checked now, not after the whole run
+        if problem:
+            parser.error(f"--json {args.json!r} {problem}")
+    from stager.config import StagerConfig
+    from stager.errors import StagerConfigError
+
+    try:
+        StagerConfig.resolve()  # a bad STAGER_* value stops the run here, not row by row
+    except StagerConfigError as exc:
+        return fail(parser.prog, exc)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")
     cases = [c for c in args.cases.split(",") if c]
@@ -358,8 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     head, rows = run(args.device, cases, args.iters, providers, budget)
     print(format_table(head, rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": head, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"header": head, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        except OSError as exc:
+            return fail(parser.prog, f"could not write --json {args.json!r}: {exc.strerror or exc}")
     return 0
 
 

@@ -383,7 +383,9 @@ def _trace(path: str, args: argparse.Namespace, device: torch.device, root: Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from stager._cli import Parser  # usage errors on one line
+
+    p = Parser(
         prog="python -m stager demo",
         description="Train a small transformer on synthetic data, checkpointing with stager.wrap and with "
         "dcp.async_save's DefaultStager; compare blocked time and step-time inflation; verify the "
@@ -433,6 +435,22 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+    from stager._cli import unusable_directory, unwritable_file
+    from stager.config import StagerConfig
+    from stager.errors import StagerConfigError
+
+    try:
+        StagerConfig.resolve()  # a bad STAGER_* value stops the demo before it trains
+    except StagerConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Paths written at the end of the run are checked before it starts.
+    if args.plot and (problem := unwritable_file(args.plot)):
+        print(f"error: --plot {args.plot!r} {problem}", file=sys.stderr)
+        return 2
+    if args.dir is not None and (problem := unusable_directory(args.dir)):
+        print(f"error: --dir {args.dir!r} {problem}", file=sys.stderr)
+        return 2
     device = _resolve_device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -9,18 +9,19 @@ its lock, what is reclaimable; ``--reclaim`` removes the stale ones), and the pa
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
+import warnings
+from typing import Mapping
 
 import torch
 
-from stager.config import StagerConfig
-from stager.envs import Mode, format_size, parse_size
-from stager.errors import StagingMemoryError
+from stager.config import StagerConfig, describe_unknown, load_profile, unknown_variables
+from stager.envs import KNOBS, Mode, format_size, parse_size
+from stager.errors import StagerConfigError, StagerConfigWarning, StagingMemoryError
 
-__all__ = ["report", "main"]
+__all__ = ["report", "resolve_reporting", "main"]
 
 
 def _triton_version() -> str:
@@ -43,6 +44,37 @@ def _driver_version() -> str:
         return version.decode() if isinstance(version, bytes) else str(version)
     except Exception as exc:  # pragma: no cover - needs a driver
         return f"unknown ({exc})"
+
+
+def resolve_reporting(environ: Mapping[str, str] | None = None) -> tuple[StagerConfig, list[str]]:
+    """The configuration with every bad ``STAGER_*`` value left out, and one line per problem.
+
+    Where :meth:`StagerConfig.resolve` stops at the first bad value, the doctor names each one,
+    with the variable it came from and the value used instead, and goes on. Variables that
+    nothing reads (misspellings) are listed too, instead of warned about.
+    """
+    env = dict(os.environ if environ is None else environ)
+    bad: list[tuple[str, str]] = []
+    for knob in KNOBS:
+        if knob.env not in env:
+            continue
+        try:
+            value = knob.convert(env[knob.env], knob.env)
+            if knob.field == "profile":
+                load_profile(value)
+        except StagerConfigError as exc:
+            bad.append((knob.field, str(exc)))
+            del env[knob.env]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StagerConfigWarning)
+        cfg = StagerConfig.resolve(environ=env)
+    problems = []
+    shown = {name: (value, source) for name, value, source in cfg.describe()}
+    for field, message in bad:
+        value, source = shown[next(k.env for k in KNOBS if k.field == field)]
+        problems.append(f"{message}; using {value} ({source}) below")
+    problems += [describe_unknown(name, closest) for name, closest in unknown_variables(environ)]
+    return cfg, problems
 
 
 _SHM_STATES = {
@@ -90,10 +122,17 @@ def report(
     *,
     shm_dir: str | None = None,
 ) -> list[str]:
-    """The doctor's lines (also used by tests)."""
+    """The doctor's lines (also used by tests). A bad ``STAGER_*`` or ``LOCAL_WORLD_SIZE`` value is
+    reported (under "configuration problems") and the rest of the report goes on without it."""
     from stager import headroom
 
-    cfg = config or StagerConfig.resolve()
+    cfg, problems = (config, []) if config is not None else resolve_reporting()
+    ranks: int | None = None
+    try:
+        headroom.local_world_size()
+    except StagerConfigError as exc:
+        problems.append(f"{exc}; assuming 1 rank on this host below")
+        ranks = 1
     lines = [
         "versions:",
         f"  python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}",
@@ -107,11 +146,16 @@ def report(
     else:
         lines.append("  GPU: none (torch.cuda.is_available() is False); staging runs the CPU path")
 
+    if problems:
+        lines.append(f"configuration problems ({len(problems)}):")
+        lines += [f"  {p}" for p in problems]
+
     t0 = time.perf_counter()
     reading = headroom.read_headroom(
         torch.cuda.current_device() if cuda else None,
         shared_memory=cfg.shared_memory,
         reserve_bytes=cfg.host_reserve,
+        ranks_per_host=ranks,
     )
     took = time.perf_counter() - t0
     lines.append(f"headroom (one reading took {took * 1e3:.3f} ms):")
@@ -151,7 +195,9 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m stager doctor``."""
-    parser = argparse.ArgumentParser(prog="python -m stager doctor", description=__doc__.splitlines()[0])
+    from stager._cli import Parser
+
+    parser = Parser(prog="python -m stager doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--bytes", default="1GiB", help="size of the hypothetical stage (default 1GiB)")
     parser.add_argument("--small-fraction", type=float, default=0.1, help="share of small tensors (0-1)")
     parser.add_argument(
