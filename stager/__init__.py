@@ -9,6 +9,7 @@ from __future__ import annotations
 from stager.config import StagerConfig
 from stager.errors import (
     CheckpointWriteError,
+    IntegrityError,
     LeaseTimeoutError,
     PartnerFailedError,
     ReplicationError,
@@ -43,6 +44,7 @@ __all__ = [
     "WrapHandle",
     "load_checkpoint",
     "CheckpointWriteError",
+    "IntegrityError",
     "RestoreMismatchError",
     "ReplicationError",
     "ReplicationTimeoutError",

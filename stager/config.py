@@ -129,6 +129,9 @@ class StagerConfig:
     """CUDA-graph capture of the staging program (``STAGER_GRAPHS``)."""
     triton: Mode = Mode.AUTO
     """Triton pack kernel for small regions (``STAGER_TRITON``)."""
+    checksum: Mode = Mode.AUTO
+    """Region and saved-tensor checksums: on, auto (where the GPU path computes them in its
+    kernels) or off (``STAGER_CHECKSUM``); see :mod:`stager.integrity`."""
     nvtx: bool = False
     """Profiler ranges for torch.profiler and nsys (``STAGER_NVTX``)."""
     profile_checkpoints: CheckpointSet = CheckpointSet()

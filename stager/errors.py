@@ -20,6 +20,7 @@ __all__ = [
     "ReplicationTimeoutError",
     "PartnerFailedError",
     "StagerConfigWarning",
+    "IntegrityError",
 ]
 
 
@@ -93,6 +94,35 @@ class ReplicationTimeoutError(ReplicationError, TimeoutError):
 
 class PartnerFailedError(ReplicationError):
     """The partner rank reported that it could not stage or send (its message is included)."""
+
+
+class IntegrityError(StagerError, ValueError):
+    """Bytes do not match the checksum taken when they were staged or saved.
+
+    Raised by ``load_checkpoint`` (a tensor read from a checkpoint file), by in-memory restore
+    (the staged copy changed in host memory; nothing is written) and by the replicator (a replica
+    changed in transit or in its holder's memory). The message and the attributes name the key
+    path, the file when there is one, and the expected and found checksums.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        file: str | None = None,
+        expected: str | None = None,
+        found: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        """Key path of the tensor (``state_dict['model']['fc.weight']``) or DCP's fqn."""
+        self.file = file
+        """The checkpoint data file the bytes came from, when they came from one."""
+        self.expected = expected
+        """The stored checksum, as ``0x`` and 16 hex digits."""
+        self.found = found
+        """The checksum of the bytes found."""
 
 
 class StagerConfigWarning(UserWarning):

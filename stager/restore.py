@@ -16,6 +16,11 @@ structures match, and copies every staged tensor into its live counterpart:
   Restore is eager (no CUDA graph: a rollback is rare, and the table is built per call) and ends
   with the current stream synchronized, so the live tensors hold the staged bytes when it returns.
 
+Integrity: when the staged copy carries checksums (``STAGER_CHECKSUM``, or a replica verified on
+receipt), every region under the staged tensors is hashed again before anything is written and a
+region that changed in host memory refuses the whole restore with an
+:class:`~stager.errors.IntegrityError` naming the key path (see :mod:`stager.integrity`).
+
 Only tensors are restored. Non-tensor leaves (an optimizer's ``lr``, a step counter stored as an
 ``int``) cannot be written in place; the caller restores them (``WrapHandle.restore`` restores the
 optimizer's hyperparameters and non-tensor state). Tensors inside arbitrary objects are not
@@ -335,6 +340,22 @@ def _restore_packed(
     return len(small), len(slow)
 
 
+def _verify_staged(matched: Sequence[tuple[torch.Tensor, torch.Tensor, str]], stats: StageStats) -> None:
+    """Integrity phase: hash the staged copy again and compare with the checksums stored when it
+    was staged (or received by a replicator); a region that changed refuses the whole restore,
+    before anything is written. Tensors with no stored checksum are restored unverified."""
+    from stager.integrity import verify_staged_tensors
+
+    result = verify_staged_tensors(((s, path) for s, _, path in matched), what="restore")
+    stats.verify_s = result.seconds
+    if result.regions:
+        stats.notes.append(f"verified {result.regions} staged regions ({result.nbytes} bytes) against their checksums")
+    if result.unverified:
+        stats.notes.append(
+            f"{len(result.unverified)} tensors restored unverified (staged without checksums; see STAGER_CHECKSUM)"
+        )
+
+
 def restore_state(
     staged: Any,
     into: Any,
@@ -366,6 +387,8 @@ def restore_state(
             is an inference tensor (outside inference mode), or two targets share memory that
             the staged copy does not share the same way; raised before anything is copied,
             naming the key path(s).
+        IntegrityError: (a ``ValueError``) the staged copy no longer matches the checksums stored
+            when it was staged; raised before anything is copied, naming the key path.
     """
     t0 = time.perf_counter()
     stats = StageStats(notes=["restore"])
@@ -375,6 +398,7 @@ def restore_state(
             _check_target(t, path)
         pairs_checked = [_writable_pair(s, t, path) for s, t, path in matched]
         _check_overlaps(pairs_checked, [path for _, _, path in matched])
+        _verify_staged(matched, stats)
         cpu_src: list[torch.Tensor] = []
         cpu_dst: list[torch.Tensor] = []
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -53,6 +53,12 @@ class StageStats:
     """From the first copy queued to the last one complete, as the host sees it (device copies
     are waited for after the staged dict is built, so a dict that takes longer to build than
     the copies take to run adds to this)."""
+    checksum_s: float = 0.0
+    """Time spent computing the staged copy's region checksums in this call (``STAGER_CHECKSUM``;
+    a CPU pass on the staging thread after the copy, 0 when none was taken; on the GPU path they
+    come from the staging kernels and cost no host time)."""
+    verify_s: float = 0.0
+    """Time spent verifying stored checksums (a restore hashes the staged copy again first)."""
     gbps: float = 0.0
     """``nbytes`` / ``copy_s`` in GB/s (10^9 bytes per second)."""
     link_fraction: float | None = None
