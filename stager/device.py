@@ -150,11 +150,13 @@ class DeviceCopier:
         self._entries = weakref.WeakKeyDictionary()
 
     def forget_plan(self, plan: "Plan") -> None:
-        """Drop the program of ``plan`` (the stager let it go). Its bindings and graphs belong to
-        its staged sets and go with them; chunks and the stream stay for the other plans."""
+        """Drop the program of ``plan`` and the bindings and graphs of its staged sets, which hold
+        its sources (the stager demoted or let go of it); chunks and the stream stay."""
         program = self._programs.pop(plan, None)
         if program is not None and program is self.program:
             self.program = None
+        for staged_set in [s for s in list(self._entries.keys()) if s.plan is plan]:
+            self._entries.pop(staged_set, None)
 
     def close(self) -> None:
         """Drop the programs, graphs, bindings and chunks (copies in flight keep what they use)."""

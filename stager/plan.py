@@ -142,6 +142,12 @@ class Plan:
     """Bytes of its storage each region reaches (offset + size; checked on every match)."""
     holds_sources: bool = True
     """False once :meth:`release_sources` dropped the sources: the plan matches nothing."""
+    region_first: list[int] = field(default_factory=list, repr=False)
+    """Index of the first tensor of every region (whose storage a demoted plan adopts again)."""
+    demoted: bool = False
+    """The plan keeps no strong reference to its sources (see :meth:`demote`)."""
+    src_weak: list[Any] = field(default_factory=list, repr=False)
+    """A weak reference to every source storage, taken when demoted (see :meth:`dead`)."""
     attr_index: list[int] = field(default_factory=list, repr=False)
     """Indices of the plain tensors that carried Python attributes (``t.note = ...``) when planned:
     their staged tensors get a deep copy of the attributes on every stage."""
@@ -170,17 +176,60 @@ class Plan:
         T = torch.Tensor
         S = torch.UntypedStorage
         with gc_paused():
-            return (
+            if not (
                 self.signature.matches(tensors)
-                and list(map(S.data_ptr, self.src_storages)) == self.src_ptrs
-                and all(map(operator.le, self.src_ends, map(S.nbytes, self.src_storages)))
                 and not any(map(T.is_neg, tensors))
                 and not any(map(T.is_conj, map(tensors.__getitem__, self.complex_index)))
+            ):
+                return False
+            storages = (
+                list(map(T.untyped_storage, map(tensors.__getitem__, self.region_first)))
+                if self.demoted
+                else self.src_storages
             )
+            if not (
+                list(map(S.data_ptr, storages)) == self.src_ptrs
+                and all(map(operator.le, self.src_ends, map(S.nbytes, storages)))
+            ):
+                return False
+        if self.demoted:
+            self._adopt(storages)
+        return True
+
+    def demote(self) -> None:
+        """Keep the layout but no strong reference to the sources (another plan is in use).
+
+        The source storages may then be freed; a later :meth:`matches` takes the storages of the
+        walked tensors again, checked like any other (address and size of every region).
+        """
+        if self.demoted or not self.holds_sources:
+            return
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self.src_weak = [StorageWeakRef(st) for st in self.src_storages]
+        self.demoted = True
+        self.src_views = []
+        self.src_storages = []
+        self.cpu_src = []
+
+    def dead(self) -> bool:
+        """Whether a demoted plan can never match again: every source storage it had is freed."""
+        return self.demoted and bool(self.src_weak) and all(w.expired() for w in self.src_weak)
+
+    def _adopt(self, storages: list[torch.UntypedStorage]) -> None:
+        self.src_views = [
+            torch.empty(0, dtype=torch.uint8, device=r.device).set_(st, r.src_offset, (r.nbytes,), (1,))
+            for r, st in zip(self.regions, storages)
+        ]
+        self.src_storages = storages
+        self.cpu_src = [self.src_views[i] for i in self.cpu_index]
+        self.src_weak = []
+        self.demoted = False
 
     def release_sources(self) -> None:
         """Drop the references to the source storages (the plan matches nothing afterwards)."""
         self.holds_sources = False
+        self.src_weak = []
         self.src_views = []
         self.src_storages = []
         self.cpu_src = []
@@ -640,11 +689,11 @@ def build_plan(
         if check is not None:
             check(t, p)
 
-    # storage key -> [min start byte, max end byte, max itemsize, storage, device, first index]
+    # storage key -> [min start byte, max end byte, max itemsize, storage, index of its tensor]
     groups: dict[tuple[int, torch.device], list[Any]] = {}
     order: list[tuple[int, torch.device]] = []
     per_tensor: list[tuple[tuple[int, torch.device], int] | None] = []
-    for t in tensors:
+    for j, t in enumerate(tensors):
         span = _span_bytes(t)
         if span == 0:
             per_tensor.append(None)
@@ -654,7 +703,7 @@ def build_plan(
         start = t.storage_offset() * t.element_size()
         g = groups.get(key)
         if g is None:
-            groups[key] = [start, start + span, t.element_size(), st]
+            groups[key] = [start, start + span, t.element_size(), st, j]
             order.append(key)
         else:
             g[0] = min(g[0], start)
@@ -664,11 +713,12 @@ def build_plan(
                 # Distinct storages can start at one address (two torch.from_numpy views of one
                 # buffer): the largest covers every tensor of the group, each lying in its own.
                 g[3] = st
+                g[4] = j
         per_tensor.append((key, start))
 
     spans: list[tuple[int, int]] = []  # (lo, nbytes) per region, in appearance order
     for key in order:
-        lo, hi, itemsize, _ = groups[key]
+        lo, hi, itemsize, _, _ = groups[key]
         lo -= lo % itemsize
         spans.append((lo, hi - lo))
 
@@ -679,10 +729,12 @@ def build_plan(
     regions: list[Region] = []
     src_views: list[torch.Tensor] = []
     src_storages: list[torch.UntypedStorage] = []
+    region_first: list[int] = []
     index_of: dict[tuple[int, torch.device], int] = {}
     for i, key in enumerate(order):
         st = groups[key][3]
         lo, nbytes = spans[i]
+        region_first.append(groups[key][4])
         region = Region(index=i, device=key[1], nbytes=nbytes, arena_offset=offsets[i], src_offset=lo)
         index_of[key] = i
         regions.append(region)
@@ -718,6 +770,7 @@ def build_plan(
         src_storages=src_storages,
         src_ptrs=[st.data_ptr() for st in src_storages],
         src_ends=[r.src_offset + r.nbytes for r in regions],
+        region_first=region_first,
         attr_index=[i for i, t in enumerate(tensors) if type(t) in _PLAIN_TENSOR_TYPES and t.__dict__],
         complex_index=[i for i, t in enumerate(tensors) if t.is_complex()],
         devices=devices,

@@ -65,6 +65,10 @@ log = logging.getLogger("stager")
 
 _REGIONS_PER_THREAD = 1024  # below this many CPU regions per thread, one thread copies them all
 _VERSION = attrgetter("_version")
+_ASYNC_HINT = (
+    "Wait for staging to complete before the next optimizer step: "
+    "response.staging_completion.result() or stager.synchronize_staging()"
+)
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,7 @@ class GraphStager:
         wanted = result.set_running_or_notify_cancel()  # False: cancelled, still finish and release
         try:
             with self._profiled():
-                staged, _ = self._pipeline(state_dict, stats, t0, marks, check_versions=True)
+                staged, _ = self._pipeline(state_dict, stats, t0, marks, check_versions=_ASYNC_HINT)
         except BaseException as exc:
             if wanted:
                 result.set_exception(exc)
@@ -216,7 +220,9 @@ class GraphStager:
         if wanted:
             result.set_result(staged)
 
-    def stage_nowait(self, state_dict: Any, marks: dict | None = None) -> tuple[Any, PendingCopy | None]:
+    def stage_nowait(
+        self, state_dict: Any, marks: dict | None = None, *, check_versions: str | None = None
+    ) -> tuple[Any, PendingCopy | None]:
         """Stage ``state_dict`` but leave the device copies in flight (for :func:`stager.wrap`).
 
         Returns ``(staged, pending)``: the staged dict, whose tensors hold their final bytes only
@@ -228,10 +234,14 @@ class GraphStager:
 
         ``marks`` is what :meth:`caller_marks` returned on the thread that produced the sources,
         when this runs on another thread; by default the side streams wait for this thread's
-        current streams.
+        current streams. ``check_versions`` (a hint for the message) raises
+        :class:`~stager.errors.SourceModifiedError` when a source was written during the call.
         """
         with self._call("stage_nowait"):
-            return self._pipeline(state_dict, StageStats(), time.perf_counter(), marks, leave_in_flight=True)
+            return self._pipeline(
+                state_dict, StageStats(), time.perf_counter(), marks, leave_in_flight=True,
+                check_versions=check_versions,
+            )
 
     def caller_marks(self) -> dict | None:
         """Record, on the calling thread, an event on the current stream of every CUDA device
@@ -379,20 +389,21 @@ class GraphStager:
         marks: dict | None,
         *,
         leave_in_flight: bool = False,
-        check_versions: bool = False,
+        check_versions: str | None = None,
     ) -> tuple[Any, PendingCopy | None]:
         """Carry one stage from the plan check to the staged dict; the only place that does.
 
         ``marks``: what the caller's streams were at call time (:meth:`_caller_marks`); ``None``
         makes the side streams wait for the current streams of this thread. ``leave_in_flight``
         returns with device copies still running (their :class:`PendingCopy` is returned and the
-        set stays leased until they complete). ``check_versions`` fails the stage when a source's
-        version counter moved between the walk and the end of the copy.
+        set stays leased until they complete). ``check_versions`` (what to do about it, for the
+        message) fails the stage when a source's version counter moved between the walk and the
+        end of the copy.
         """
         with self._lock, torch.inference_mode(False):
             slot, tensors, tokens, others = self._find_plan(state_dict, stats)
             plan = slot.plan
-            versions = list(map(_VERSION, tensors)) if check_versions else None
+            versions = list(map(_VERSION, tensors)) if check_versions is not None else None
             stats.plan_s = time.perf_counter() - t0
             staged_set = self._acquire(slot, stats)
             pending: PendingCopy | None = None
@@ -423,7 +434,7 @@ class GraphStager:
                 staged_set.pending = pending
                 staged_set.done()
             if versions is not None:
-                self._check_versions(plan, tensors, versions)
+                self._check_versions(plan, tensors, versions, check_versions or "")
             stats.nbytes = plan.nbytes
             stats.tensors = len(plan.leaves)
             stats.regions = len(plan.regions)
@@ -432,7 +443,7 @@ class GraphStager:
             return staged, pending
 
     @staticmethod
-    def _check_versions(plan: Plan, tensors: list[torch.Tensor], versions: list[int]) -> None:
+    def _check_versions(plan: Plan, tensors: list[torch.Tensor], versions: list[int], hint: str) -> None:
         now = list(map(_VERSION, tensors))
         if now == versions:
             return
@@ -440,8 +451,7 @@ class GraphStager:
         raise SourceModifiedError(
             f"{plan.leaves[i].path or '<root>'} was written while it was being staged (its version "
             f"counter went from {versions[i]} to {now[i]}); this checkpoint's copy may mix two "
-            "steps and was not handed out. Wait for staging to complete before the next optimizer "
-            "step: response.staging_completion.result() or stager.synchronize_staging()"
+            f"steps and was not handed out. {hint}"
         )
 
     @contextlib.contextmanager
@@ -500,6 +510,7 @@ class GraphStager:
                     for i, slot in enumerate(self._slots):
                         if slot.plan.matches(tokens, tensors):
                             if i:
+                                self._demote(self._slots[0])
                                 self._slots.insert(0, self._slots.pop(i))
                             return slot, tensors, tokens, others
                 except (StagingInputError, RecursionError, RuntimeError, NotImplementedError):
@@ -523,6 +534,12 @@ class GraphStager:
             return slot, tensors, tokens, others
 
     def _add_plan(self, plan: Plan) -> _PlanSlot:
+        if self._slots:
+            self._demote(self._slots[0])
+        # A kept plan whose sources are all gone can never match again: its arenas become spares.
+        for old in [slot for slot in self._slots if slot.plan.dead()]:
+            self._slots.remove(old)
+            self._drop_slot(old)
         slot = _PlanSlot(plan)
         self._slots.insert(0, slot)
         self.plans_built += 1
@@ -532,6 +549,13 @@ class GraphStager:
             "stager: new plan, %d tensors in %d regions, %d bytes", len(plan.leaves), len(plan.regions), plan.arena_bytes
         )
         return slot
+
+    def _demote(self, slot: _PlanSlot) -> None:
+        """Another plan is in use: ``slot``'s plan keeps its layout and arenas but lets go of its
+        sources (and, on a GPU, of the bindings and graphs that hold them)."""
+        slot.plan.demote()
+        for copier in self._copiers.values():
+            copier.forget_plan(slot.plan)
 
     def _drop_slot(self, slot: _PlanSlot) -> None:
         """Let a plan go: its free arenas become spares, its sources and programs are dropped."""

@@ -25,18 +25,24 @@ How a checkpoint runs:
   per-parameter optimizer state dict or param group was added, removed or replaced (see
   :class:`_LiveState`); hyperparameters (``lr``...) and ``get_extra_state()`` are read again on
   every checkpoint.
-* CPU: the stage is synchronous (the copy is complete when ``checkpoint()`` returns); the write
-  runs in DCP's background thread.
-* GPU: when the stager can leave its device copies in flight (``GraphStager.stage_nowait``), the
-  copy runs on the stager's side stream while the next forward and backward run. An optimizer
-  step pre-hook makes the compute stream wait for it on the device (``wait_event``; the CPU does
-  not wait), as do forward pre-hooks on modules whose persistent buffers a forward may update.
-  The writer thread waits for the copy before writing. Code that writes the parameters outside
-  ``optimizer.step()`` should call :meth:`WrapHandle.fence` first.
+* ``checkpoint()`` only records the caller's CUDA streams (an event on each) and hands the rest
+  to the handle's background thread: the identity pass over the live state, the stage and the
+  ``dcp.async_save`` call. It returns at once with a ``Future`` of the write.
+* CPU: the background thread copies the live tensors while the next forward and backward run.
+  An optimizer step pre-hook, and forward pre-hooks on modules with persistent buffers (which a
+  forward may update in place), wait until that copy is complete before anything live changes.
+* GPU: the background thread queues the copy on the stager's side stream
+  (``GraphStager.stage_nowait``), behind the events recorded at the call. The same hooks wait on
+  the CPU only until the copy is queued, then make the compute stream wait for it on the device
+  (``wait_event``). The writer thread waits for the copy before writing. Code that writes the
+  parameters outside ``optimizer.step()`` should call :meth:`WrapHandle.fence` first.
+* Two checkpoints to one path never write at once: the later one is staged at once and written
+  when the earlier write has finished.
 * A checkpoint while an earlier one is still being written follows the stager's lease policy
   (``STAGER_LEASE_POLICY``): take another host arena, or wait for the held one.
-* A write that fails in the background raises :class:`CheckpointWriteError` from the next
-  ``checkpoint()`` or from ``wait()``/``close()``; never silently.
+* A stage or write that fails in the background raises :class:`CheckpointWriteError` from the
+  next ``checkpoint()`` or from ``wait()``/``close()`` (and fails the returned ``Future``);
+  never silently.
 
 ``handle.restore()`` copies the last staged copy back into the live tensors (see
 :mod:`stager.restore`), so a run can roll back without reading storage.
@@ -44,16 +50,17 @@ How a checkpoint runs:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import operator
 import os
 import threading
 import time
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -64,10 +71,14 @@ from stager.restore import holds_tensor
 from stager.stager import GraphStager
 from stager.stats import StageStats
 
+if TYPE_CHECKING:
+    from stager.integrity import IntegrityReport
+
 __all__ = ["CheckpointWriteError", "CheckpointRecord", "WrapHandle", "wrap", "checkpoint_layout", "load_checkpoint"]
 
 log = logging.getLogger("stager")
 
+_WRAP_HINT = "Call handle.fence() before writing the parameters outside optimizer.step()."
 _EXTRA_STATE = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
 
@@ -148,18 +159,31 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     no_dist: bool = True,
-) -> None:
+) -> IntegrityReport:
     """Load a checkpoint written by :meth:`WrapHandle.checkpoint` into ``model`` (and ``optimizer``).
 
     ``dcp.load`` into ``{"model": model.state_dict(), "optim": optimizer.state_dict()}``, then
     ``load_state_dict`` on both. The optimizer's lazy state is first created for exactly the
     parameters the checkpoint has state for (a parameter that never had a gradient has none).
 
+    When the checkpoint carries checksums (see :mod:`stager.integrity`), every tensor loaded on
+    this rank is verified against them before ``load_state_dict``; saved chunks this rank does
+    not hold whole (a resharded load) or loaded into another dtype are reported as unverifiable.
+    A checkpoint without checksums loads as before.
+
+    Returns:
+        The :class:`~stager.integrity.IntegrityReport` (``has_checksums`` false without them).
+
     Raises:
+        IntegrityError: (a ``ValueError``) a loaded tensor differs from its saved checksum; names
+            its key path, the data file and rank that wrote it, the expected and found values.
+            ``dcp.load`` has written the model's tensors by then (they hold the bytes read).
         ValueError: the checkpoint holds optimizer state this optimizer's ``state_dict()`` has no
             entry for (another optimizer class, or one whose state is created differently); it
             would otherwise be left unloaded without a word.
     """
+    from stager.integrity import verify_state_dict
+
     import torch.distributed.checkpoint as dcp
 
     path = os.fspath(path)
@@ -185,9 +209,11 @@ def load_checkpoint(
             if any((i, k) in wanted for k in entry)
         }
     dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    report = verify_state_dict(path, state)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
+    return report
 
 
 # ------------------------------------------------------------------------------------ live state
@@ -334,16 +360,21 @@ class _Handoff:
         pass
 
 
-def _writer(path: str, nvtx_enabled: bool) -> Any:
-    """DCP's ``FileSystemWriter`` for ``path``, its write marked as the NVTX range ``stager/write``."""
-    from torch.distributed.checkpoint import FileSystemWriter
+def _writer(path: str, nvtx_enabled: bool, checksum: bool | None = None) -> Any:
+    """DCP's ``FileSystemWriter`` for ``path``, its write marked as the NVTX range ``stager/write``.
 
-    class _Writer(FileSystemWriter):
+    It is a :class:`~stager.integrity.ChecksumWriter`: the tensors' checksums go into a sidecar
+    beside the data when the staged copy carries them (``checksum=None``), always (``True``: what
+    has none is hashed on the writer thread) or never (``False``).
+    """
+    from stager.integrity_writer import ChecksumWriter
+
+    class _Writer(ChecksumWriter):
         def write_data(self, plan: Any, planner: Any) -> Any:
             with nvtx.range("stager/write", nvtx_enabled):
                 return super().write_data(plan, planner)
 
-    return _Writer(path)
+    return _Writer(path, checksum=checksum)
 
 
 def _buffer_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -417,21 +448,24 @@ class WrapHandle:
         self._lock = threading.Lock()
         self._closed = False
         self._inflight: list[Future] = []
-        self._errors: list[tuple[str, BaseException]] = []
+        self._errors: list[tuple[str, BaseException, str]] = []
         self._pending: Any = None
         self._events: tuple[Any, ...] = ()
+        self._staging: _Ticket | None = None  # the newest checkpoint whose stage may not be done
+        self._uploads: dict[str, Future] = {}  # the newest write in flight to each path
         self._last_staged: Any = None
         self._lost_restore_point: str | None = None
         self._stats: StageStats | None = None
+        self._worker: ThreadPoolExecutor | None = None
         self._waiter: ThreadPoolExecutor | None = None
+        self._deferred: ThreadPoolExecutor | None = None
         self.records: list[CheckpointRecord] = []
         self._devices = _cuda_devices(self._live.current())
         self._hooks: list[Any] = []
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._device_fence_hook))
-        if self._devices:
-            for m in _buffer_owners(model):
-                self._hooks.append(m.register_forward_pre_hook(self._device_fence_hook))
+        for m in _buffer_owners(model):
+            self._hooks.append(m.register_forward_pre_hook(self._device_fence_hook))
 
     # ---------------------------------------------------------------- public
 
@@ -448,29 +482,52 @@ class WrapHandle:
     def checkpoint(self, path: str | os.PathLike[str]) -> Future:
         """Stage the live state and hand the copy to ``dcp.async_save`` for writing to ``path``.
 
-        Returns at once with the write's ``Future`` (of DCP's metadata); the copy is complete on
-        return on the CPU, and in flight on the stager's side stream on a GPU.
+        Returns at once with a ``Future`` of the write (DCP's metadata): the live state is read,
+        staged and handed to DCP on the handle's background thread. The next optimizer step (and
+        forward of a module with persistent buffers) waits for the copy; see the module's
+        docstring.
 
         Raises:
-            CheckpointWriteError: an earlier checkpoint failed in the background.
-            StagingInputError, StagingMemoryError, LeaseTimeoutError: from the stager.
+            CheckpointWriteError: an earlier checkpoint failed in the background (its stage or
+                its write).
+            StagerClosedError: the handle was closed.
         """
-        import torch.distributed.checkpoint as dcp
-
         self._check_open()
         self._raise_background()
         t0 = time.perf_counter()
         path = os.fspath(path)
-        state = self._live.current()
-        # The previous staged copy is released here, so the lease policy sees only the writer's
-        # hold (with one arena, holding it would keep this stage waiting for good).
-        self._last_staged = None
+        stager = self.stager
+        marks = stager.caller_marks() if self._devices and isinstance(stager, GraphStager) else None
+        ticket = _Ticket(path)
+        record = CheckpointRecord(path=path)
+        self.records.append(record)
+        with self._lock:
+            self._inflight.append(ticket.result)
+        self._staging = ticket
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-checkpoint")
+        self._worker.submit(self._run_checkpoint, ticket, record, marks)
+        record.blocked_s = time.perf_counter() - t0
+        return ticket.result
+
+    def _run_checkpoint(self, ticket: "_Ticket", record: CheckpointRecord, marks: Any) -> None:
+        """The background half of :meth:`checkpoint`: read, stage, hand to DCP."""
         try:
-            staged, pending = self._stage(state)
+            state = self._live.current()
+            # The previous staged copy is released here, so the lease policy sees only the
+            # writer's hold (with one arena, holding it would keep this stage waiting for good).
+            self._last_staged = None
+            staged, pending = self._stage(state, marks)
         except BaseException as exc:
             self._lost_restore_point = f"{type(exc).__name__}: {exc}"
-            raise
+            ticket.staged.set()
+            self._failed(ticket, record, exc, "staging")
+            if not isinstance(exc, Exception):
+                raise
+            return
         self._lost_restore_point = None
+        record.stats = self.stager.last_stats
+        self._stats = record.stats
         events = _events_of(pending)
         if events:
             # Later copies queue behind earlier ones on the side stream: the newest covers all.
@@ -479,24 +536,52 @@ class WrapHandle:
             handoff: Any = self._waiter_pool().submit(_wait_then_return, pending, staged)
         else:
             handoff = staged
-        record = CheckpointRecord(path=path, stats=self.stager.last_stats)
-        response = dcp.async_save(
-            staged,
-            storage_writer=_writer(path, self._nvtx),
-            async_stager=_Handoff(handoff),
-            no_dist=self._no_dist,
-        )
-        upload: Future = getattr(response, "upload_completion", response)
-        del handoff, response
         self._last_staged = staged
-        self._stats = record.stats
-        submitted = time.perf_counter()
-        record.blocked_s = submitted - t0
-        self.records.append(record)
+        ticket.staged.set()  # the live tensors may change now (after the device fence)
+        del staged, pending
         with self._lock:
-            self._inflight.append(upload)
-        upload.add_done_callback(lambda f: self._write_done(f, record, submitted))
-        return upload
+            previous = self._uploads.get(ticket.path)
+        if previous is not None and not previous.done():
+            if self._deferred is None:
+                self._deferred = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-deferred-write")
+            self._deferred.submit(self._save_after, previous, ticket, record, handoff)
+        else:
+            self._save(ticket, record, handoff)
+
+    def _save_after(self, previous: Future, ticket: "_Ticket", record: CheckpointRecord, handoff: Any) -> None:
+        wait_futures([previous])  # one write at a time to a path: never two writers on one file
+        self._save(ticket, record, handoff)
+
+    def _save(self, ticket: "_Ticket", record: CheckpointRecord, handoff: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        staged = handoff.result() if isinstance(handoff, Future) and handoff.done() else None
+        try:
+            response = dcp.async_save(
+                staged if staged is not None else self._last_staged,
+                storage_writer=_writer(ticket.path, self._nvtx),
+                async_stager=_Handoff(handoff),
+                no_dist=self._no_dist,
+            )
+        except BaseException as exc:
+            self._failed(ticket, record, exc, "writing")
+            if not isinstance(exc, Exception):
+                raise
+            return
+        upload: Future = getattr(response, "upload_completion", response)
+        del handoff, response, staged
+        submitted = time.perf_counter()
+        with self._lock:
+            self._uploads[ticket.path] = upload
+        upload.add_done_callback(lambda f: self._write_done(f, record, submitted, ticket))
+
+    def _failed(self, ticket: "_Ticket", record: CheckpointRecord, exc: BaseException, phase: str) -> None:
+        _drop_frames(exc)
+        record.error = exc
+        with self._lock:
+            self._errors.append((ticket.path, exc, phase))
+        log.error("stager: %s checkpoint %s failed: %s: %s", phase, ticket.path, type(exc).__name__, exc)
+        _settle(ticket.result, exc)
 
     def restore(self) -> StageStats:
         """Copy the last staged copy back into the live parameters, buffers and optimizer state.
@@ -510,6 +595,7 @@ class WrapHandle:
             RestoreMismatchError: the model or optimizer state no longer has the staged structure.
         """
         self._check_open()
+        self._wait_staging()
         if self._last_staged is None:
             if self._lost_restore_point is not None:
                 raise RuntimeError(
@@ -518,7 +604,6 @@ class WrapHandle:
                     "fix the cause and call checkpoint() again"
                 )
             raise RuntimeError("restore(): no checkpoint has been staged yet; call checkpoint() first")
-        self._wait_staging()
         state = self._live.current()
         stats = self.stager.restore(self._last_staged, state)
         self._live.restore_groups(self._last_staged)
@@ -532,6 +617,11 @@ class WrapHandle:
         The optimizer step and forwards that update buffers do this on their own; call it before
         writing the parameters any other way. A no-op on the CPU.
         """
+        ticket = self._staging
+        if ticket is not None:
+            ticket.staged.wait()  # CPU: the copy is done; GPU: it is queued, and its events known
+            if self._staging is ticket:
+                self._staging = None
         events, self._events = self._events, ()
         for device in self._devices:
             stream = torch.cuda.current_stream(device)
@@ -541,9 +631,14 @@ class WrapHandle:
     def wait(self) -> None:
         """Wait for every staging and write in flight; raise the first background error."""
         self._wait_staging()
-        with self._lock:
-            inflight = list(self._inflight)
-        wait_futures(inflight)
+        while True:
+            with self._lock:
+                inflight = list(self._inflight)
+            if not inflight:
+                break
+            wait_futures(inflight)
+            with self._lock:
+                self._inflight = [f for f in self._inflight if not f.done()]
         self._raise_background()
 
     def close(self) -> None:
@@ -561,9 +656,10 @@ class WrapHandle:
                 h.remove()
             self._hooks.clear()
             self._last_staged = None
-            if self._waiter is not None:
-                self._waiter.shutdown(wait=True)
-                self._waiter = None
+            for pool in (self._worker, self._deferred, self._waiter):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._worker = self._deferred = self._waiter = None
             if self._own_stager:
                 self.stager.close()
 
@@ -585,8 +681,10 @@ class WrapHandle:
         if self._closed:
             raise StagerClosedError("this WrapHandle was closed; call stager.wrap() again")
 
-    def _stage(self, state: dict[str, Any]) -> tuple[Any, Any]:
+    def _stage(self, state: dict[str, Any], marks: Any = None) -> tuple[Any, Any]:
         """Stage ``state``; return the staged dict and the device copies still in flight (or None)."""
+        if isinstance(self.stager, GraphStager):
+            return self.stager.stage_nowait(state, marks, check_versions=_WRAP_HINT)
         nowait: Callable[[Any], tuple[Any, Any]] | None = getattr(self.stager, "stage_nowait", None)
         if self._devices and callable(nowait):
             return nowait(state)
@@ -601,40 +699,74 @@ class WrapHandle:
         return self._waiter
 
     def _wait_staging(self) -> None:
+        ticket = self._staging
+        if ticket is not None:
+            ticket.staged.wait()
         pending, self._pending = self._pending, None
         if pending is not None:
             _wait_host(pending)
             self._events = ()
 
     def _device_fence_hook(self, *args: Any, **kwargs: Any) -> None:
-        if self._events:
+        if self._staging is not None or self._events:
             self.fence()
 
-    def _write_done(self, fut: Future, record: CheckpointRecord, submitted: float) -> None:
+    def _write_done(self, fut: Future, record: CheckpointRecord, submitted: float, ticket: "_Ticket") -> None:
         record.write_s = time.perf_counter() - submitted
         exc = CancelledError("the write was cancelled") if fut.cancelled() else fut.exception()
         if exc is not None:
             _drop_frames(exc)  # they hold the staged dict: its host arena would never be released
         with self._lock:
-            if fut in self._inflight:
-                self._inflight.remove(fut)
+            if self._uploads.get(ticket.path) is fut:
+                del self._uploads[ticket.path]
             if exc is not None:
                 record.error = exc
-                self._errors.append((record.path, exc))
+                self._errors.append((record.path, exc, "writing"))
         if exc is not None:
             log.error("stager: writing checkpoint %s failed: %s: %s", record.path, type(exc).__name__, exc)
+            _settle(ticket.result, exc)
+        else:
+            _settle(ticket.result, None, fut.result())
 
     def _raise_background(self) -> None:
         with self._lock:
             errors, self._errors = self._errors, []
         if not errors:
             return
-        path, exc = errors[0]
+        path, exc, phase = errors[0]
         more = f" (and {len(errors) - 1} more failed checkpoint(s))" if len(errors) > 1 else ""
-        raise CheckpointWriteError(
-            f"writing checkpoint {path!r} failed in the background: {type(exc).__name__}: {exc}{more}; "
+        hint = (
             "check that the path is writable and has space, then checkpoint again"
+            if phase == "writing"
+            else "fix the cause named above, then checkpoint again"
+        )
+        raise CheckpointWriteError(
+            f"{phase} checkpoint {path!r} failed in the background: {type(exc).__name__}: {exc}{more}; {hint}"
         ) from exc
+
+
+class _Ticket:
+    """One ``checkpoint()`` call as the background thread carries it."""
+
+    __slots__ = ("path", "staged", "result")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.staged = threading.Event()
+        """Set once the live tensors may change: copied (CPU) or queued behind known events (GPU)."""
+        self.result: Future = Future()
+        """What ``checkpoint()`` returned: DCP's metadata once written, or the failure."""
+
+
+def _settle(fut: Future, exc: BaseException | None, value: Any = None) -> None:
+    """Resolve ``fut`` once (a later call is ignored)."""
+    if fut.done():
+        return
+    with contextlib.suppress(InvalidStateError):
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
 
 
 def _drop_frames(exc: BaseException) -> None:

@@ -184,16 +184,19 @@ def test_live_state_is_built_once_and_plan_replayed(tmp_path: Path) -> None:
         for i in range(3):
             train(model, opt, range(i + 1, i + 2))
             handle.checkpoint(tmp_path / f"c{i}")
+        handle.fence()  # checkpoint() returned at once: wait for the stage before looking at it
         assert handle.live_rebuilds == 2
         assert handle.stager.plans_built == 1
         assert not handle.stats.replanned
         # A replaced buffer object is noticed and staged.
         model.tokens_seen = torch.tensor(12345)
         handle.checkpoint(tmp_path / "buffer")
+        handle.fence()
         assert handle.live_rebuilds == 3
         # A scheduler's lr reaches the checkpoint without a rebuild.
         opt.param_groups[0]["lr"] = 0.125
         handle.checkpoint(tmp_path / "lr")
+        handle.fence()
         assert handle.live_rebuilds == 3
         handle.wait()
     assert int(load_fresh(tmp_path / "buffer")["model"]["tokens_seen"]) == 12345
@@ -254,6 +257,7 @@ def test_model_without_optimizer(tmp_path: Path) -> None:
     with stager.wrap(model) as handle:
         handle.checkpoint(tmp_path / "c")
         expected = copy.deepcopy(model.state_dict())
+        handle.fence()  # a write outside optimizer.step(): wait for the copy first
         with torch.no_grad():
             model.pos.add_(1)
         handle.restore()
@@ -296,11 +300,13 @@ def test_second_checkpoint_during_a_write_waits_under_the_wait_policy(tmp_path: 
         train(model, opt, range(1))
         handle.checkpoint(tmp_path / "c1")  # its arena stays leased to the blocked writer
         with pytest.raises(stager.LeaseTimeoutError):
-            handle.checkpoint(tmp_path / "c2")
+            handle.checkpoint(tmp_path / "c2").result(timeout=30)
         slow.release.set()
-        handle.wait()
+        with pytest.raises(CheckpointWriteError, match="staging checkpoint .*c2.*LeaseTimeoutError"):
+            handle.wait()  # a failure in the background is reported on the next call too
         expected = snapshot(model, opt)
         handle.checkpoint(tmp_path / "c3")  # the lease ended with the write
+        handle.fence()
         assert handle.stats.arena.startswith("cached")
     assert_state_equal(load_fresh(tmp_path / "c1"), expected)
 
@@ -315,6 +321,7 @@ def test_second_checkpoint_during_a_write_takes_another_arena_under_allocate(tmp
         train(model, opt, range(1, 2))
         handle.checkpoint(tmp_path / "c2")
         second = snapshot(model, opt)
+        handle.fence()
         assert handle.stats.arena == "fresh"
         slow.release.set()
     assert_state_equal(load_fresh(tmp_path / "c1"), first)
@@ -346,7 +353,7 @@ class _NowaitStager(stager.GraphStager):
         super().__init__(**kw)
         self.pendings: list[_FakePending] = []
 
-    def stage_nowait(self, state_dict: Any) -> tuple[Any, _FakePending]:
+    def stage_nowait(self, state_dict: Any, marks: Any = None, **kw: Any) -> tuple[Any, _FakePending]:
         self.pendings.append(_FakePending())
         return self.stage(state_dict), self.pendings[-1]
 
@@ -371,6 +378,7 @@ def test_device_plumbing_with_a_fake_gpu(tmp_path: Path, monkeypatch: pytest.Mon
         assert len(model._forward_pre_hooks) == 1  # TinyLM owns the tokens_seen buffer
         train(model, opt, range(1))
         fut = handle.checkpoint(tmp_path / "c")
+        handle._staging.staged.wait(10)  # the background thread has queued the copy
         pending = s.pendings[-1]
         assert handle._events == pending.events
         assert not pending.done.is_set()  # checkpoint() returned without waiting for the copy
@@ -490,10 +498,12 @@ def test_a_checkpoint_that_fails_to_stage_says_so_on_restore(tmp_path: Path) -> 
         handle.checkpoint(tmp_path / "c1").result()
         model.register_buffer("scratch", torch.empty(3, device="meta"))
         with pytest.raises(stager.StagingInputError, match="scratch"):
-            handle.checkpoint(tmp_path / "c2")
+            handle.checkpoint(tmp_path / "c2").result(timeout=30)
         del model._buffers["scratch"]
         with pytest.raises(RuntimeError, match="last checkpoint\\(\\) failed while staging"):
             handle.restore()
+        with pytest.raises(CheckpointWriteError, match="staging checkpoint .*c2.*scratch"):
+            handle.wait()
 
 
 # ------------------------------------------------------------------------------ load_checkpoint
