@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 import pytest
 
 from _proc import finish, read_line, shm_dir, start
@@ -155,20 +156,30 @@ def test_a_file_being_created_is_not_taken_for_stale() -> None:
         assert os.listdir(d) == []
 
 
-def test_sigterm_in_the_stagers_own_process_runs_in_a_child_with_a_staged_dict() -> None:
-    """End to end: a GraphStager with shared memory, a staged dict held, then SIGTERM."""
-    code = r"""
-import sys, torch
-from stager import GraphStager, arena
-arena.SHM_DIR = sys.argv[1]
-s = GraphStager(shared_memory=True)
-out = s.stage({"w": torch.ones(1000)})
+STAGING = r"""
+import sys, torch, stager
+from stager import arena
+arena.SHM_DIR, mode = sys.argv[1], sys.argv[2]
+if mode == "wrap":  # arenas made on the staging thread, the writes on another
+    model = torch.nn.Linear(8, 8)
+    handle = stager.wrap(model, torch.optim.SGD(model.parameters(), lr=0.1), shared_memory=True)
+    handle.checkpoint(sys.argv[3])
+    handle.wait()
+else:
+    s = stager.GraphStager(shared_memory=True, async_staging=mode == "async")
+    out = s.stage({"w": torch.ones(1000)})
+    out = out.result() if mode == "async" else out
 print("staged", flush=True)
 sys.stdin.read()
 """
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "wrap"])
+def test_sigterm_while_holding_staged_copies_removes_their_files(mode: str, tmp_path: Path) -> None:
+    """End to end, with the arenas made on the caller's thread, on the staging thread, by wrap."""
     with shm_dir() as d:
-        proc = start(code, d)
+        proc = start(STAGING, d, mode, str(tmp_path / "ckpt"))
         assert read_line(proc) == "staged"
-        assert len(os.listdir(d)) == 1
+        assert len(os.listdir(d)) >= 1
         assert _end(proc, signal.SIGTERM) == -signal.SIGTERM
         assert os.listdir(d) == []
