@@ -47,7 +47,7 @@ from stager import nvtx
 from stager.arena import HostArena, StagedSet
 from stager.config import StagerConfig
 from stager.device import DeviceCopier, PendingCopy
-from stager.envs import CachePolicy, Mode
+from stager.envs import CachePolicy, LeasePolicy, Mode
 from stager.errors import (
     LeaseTimeoutError,
     SourceModifiedError,
@@ -55,6 +55,7 @@ from stager.errors import (
     StagingInputError,
 )
 from stager.headroom import HostDecision, decide_host, read_host
+from stager.holders import traceback_holders
 from stager.plan import Plan, build_plan, find_cycle, gc_paused, rebuild, walk
 from stager.stats import StageStats
 from stager.stats import record as record_stats
@@ -65,6 +66,7 @@ log = logging.getLogger("stager")
 
 _REGIONS_PER_THREAD = 1024  # below this many CPU regions per thread, one thread copies them all
 _VERSION = attrgetter("_version")
+_INSPECT_AFTER_S = 1.0  # waited this long for an arena: look for failed writes that hold one
 _ASYNC_HINT = (
     "Wait for staging to complete before the next optimizer step: "
     "response.staging_completion.result() or stager.synchronize_staging()"
@@ -449,7 +451,7 @@ class GraphStager:
             return
         i = next(i for i, (a, b) in enumerate(zip(versions, now)) if a != b)
         raise SourceModifiedError(
-            f"{plan.leaves[i].path or '<root>'} was written while it was being staged (its version "
+            f"state_dict{plan.leaves[i].path} was written while it was being staged (its version "
             f"counter went from {versions[i]} to {now[i]}); this checkpoint's copy may mix two "
             f"steps and was not handed out. {hint}"
         )
@@ -634,6 +636,8 @@ class GraphStager:
         deadline = t0 + cfg.lease_timeout
         delay = 1e-4
         collected = False
+        inspected = False
+        holders: list[str] = []
         while True:
             if cfg.cache_policy is not CachePolicy.FRESH:
                 for s in slot.sets:
@@ -681,15 +685,65 @@ class GraphStager:
                 gc.collect()  # a dropped staged dict caught in a reference cycle
                 collected = True
                 continue
+            if not inspected and time.perf_counter() - t0 >= min(_INSPECT_AFTER_S, cfg.lease_timeout):
+                inspected = True
+                holders = traceback_holders(self._leased_ranges())
+                if holders:
+                    s = self._instead_of_waiting(plan, host, slot, stats, holders)
+                    if s is not None:
+                        return s
+                    raise LeaseTimeoutError(
+                        "the host arena this stage would wait for is held by a failed write, which "
+                        f"never releases it: {holders[0]}; the Future (or AsyncSaveResponse) of that "
+                        "save keeps the exception alive: call its result() and handle the error, then "
+                        "drop it, or pass the staged dict to GraphStager.release(); there is no host "
+                        "memory for another arena meanwhile"
+                    )
             if time.perf_counter() >= deadline:
                 raise LeaseTimeoutError(
                     f"no host arena came free within {cfg.lease_timeout:g} s: {self._cached_sets()} cached "
                     f"and {self._fresh_alive} fresh arena(s) are still held by earlier staged dicts; "
-                    "release the staged dicts (and their tensors) once written, raise "
+                    "release the staged dicts (and their tensors) once written (a failed write's "
+                    "Future holds its dict through the exception: handle and drop it), raise "
                     "STAGER_LEASE_TIMEOUT or STAGER_MAX_ARENAS, or set STAGER_LEASE_POLICY=allocate"
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
+
+    def _leased_ranges(self) -> list[tuple[int, int]]:
+        return [
+            (s.arena.ptr, s.arena.ptr + s.arena.nbytes)
+            for slot in self._slots
+            for s in slot.sets
+            if s.leased()
+        ]
+
+    def _instead_of_waiting(
+        self, plan: Plan, host: Any, slot: _PlanSlot, stats: StageStats, holders: list[str]
+    ) -> StagedSet | None:
+        """The arena waited for is held by a failed write: take a fresh one if the host has room."""
+        cfg = self.config
+        decision = decide_host(
+            plan.arena_bytes,
+            cached_arena_free=False,
+            cached_arenas=self._cached_sets(),
+            max_cached_arenas=cfg.max_arenas,
+            host=host,
+            cache_policy=CachePolicy.AUTO,
+            lease_policy=LeasePolicy.ALLOCATE,
+            fresh_leased=self._fresh_alive,
+        )
+        if decision not in (HostDecision.FRESH, HostDecision.NEW_CACHED):
+            return None
+        log.warning(
+            "stager: not waiting for a host arena held by a failed write (%s); staging into a fresh "
+            "arena instead. Handle and drop the failed save's Future to give the memory back",
+            holders[0],
+        )
+        stats.notes.append(f"a failed write holds an earlier copy: {holders[0]}")
+        stats.arena = "fresh"
+        stats.host_decision = HostDecision.FRESH.value
+        return self._fresh_set(plan, stats)
 
     # ---------------------------------------------------------------- copying
 

@@ -1,0 +1,174 @@
+"""The staging pipeline: one path for every entry point, threads, the plan check, off-thread async."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import torch
+
+from stager import GraphStager, SourceModifiedError, StagingInputError
+
+
+def _dict(n: int, seed: int, size: int = 33) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(size + i % 5, generator=g) for i in range(n)}
+
+
+def _assert_same(src: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+    assert list(src) == list(out)
+    for k, v in src.items():
+        assert out[k].device.type == "cpu" and out[k].dtype == v.dtype and out[k].stride() == v.stride(), k
+        assert torch.equal(out[k], v), k
+
+
+# ------------------------------------------------------------------------------ threads
+
+
+@pytest.mark.parametrize("async_staging", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("same_dict", [True, False], ids=["same-dict", "different-dicts"])
+def test_many_threads_on_one_stager_get_correct_copies(async_staging: bool, same_dict: bool) -> None:
+    # First calls race: before, one thread's re-plan emptied the sources another was copying
+    # from, and the copies came back all zeros.
+    dicts = [_dict(300, 0)] if same_dict else [_dict(300 + 7 * i, i) for i in range(4)]
+    barrier = threading.Barrier(4)
+
+    def run(i: int) -> list[tuple[dict, Any]]:
+        sd = dicts[i % len(dicts)]
+        barrier.wait(10)
+        outs = []
+        for _ in range(5):
+            out = stager.stage(sd)
+            outs.append((sd, out.result(timeout=60) if isinstance(out, Future) else out))
+        return outs
+
+    with GraphStager(async_staging=async_staging, max_plans=4, max_arenas=8) as stager:
+        with ThreadPoolExecutor(4) as pool:
+            results = [r for f in [pool.submit(run, i) for i in range(4)] for r in f.result(timeout=120)]
+    for sd, out in results:
+        _assert_same(sd, out)
+    assert stager.plans_built == len(dicts)
+
+
+# ------------------------------------------------------------------------------ the plan check
+
+
+def test_a_storage_reallocated_smaller_at_the_same_address_is_not_read_past_its_end() -> None:
+    # The planned storage is freed and grown again, smaller, possibly at the same address; the
+    # tensor keeps its shape, so its signature still matches. A replay read past the storage's end.
+    t = torch.randn(1 << 16)
+    sd = {"t": t}
+    with GraphStager() as stager:
+        stager.stage(sd)
+        st = t.untyped_storage()
+        planned = st.data_ptr()
+        st.resize_(0)
+        st.resize_(1024)  # smaller than the tensor now claims
+        reused = st.data_ptr() == planned
+        with pytest.raises(StagingInputError, match=r"state_dict\['t'\].*past the end of its storage"):
+            stager.stage(sd)
+        assert stager.plans_built == 1 or not reused
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["replaced", "resized", "retyped", "moved", "transposed", "neg-view"],
+)
+def test_a_known_dict_with_a_changed_tensor_is_planned_again(change: str) -> None:
+    sd = {"a": torch.randn(8, 8), "b": torch.randn(16)}
+    with GraphStager() as stager:
+        stager.stage(sd)
+        stager.stage(sd)
+        assert stager.plans_built == 1
+        if change == "replaced":
+            sd["a"] = torch.randn(8, 8)
+        elif change == "resized":
+            sd["b"].resize_(4)
+        elif change == "retyped":
+            sd["b"].data = sd["b"].view(torch.int32)
+        elif change == "moved":
+            sd["b"].set_(torch.randn(16))
+        elif change == "transposed":
+            sd["a"].t_()
+        else:
+            sd["b"] = sd["b"]._neg_view()
+        if change == "neg-view":
+            with pytest.raises(StagingInputError, match="lazy conjugate/negative"):
+                stager.stage(sd)
+            return
+        out = stager.stage(sd)
+        assert stager.plans_built == 2
+        _assert_same(sd, out)
+
+
+def test_python_attributes_of_a_source_tensor_reach_its_staged_tensor() -> None:
+    w = torch.randn(4)
+    w.note = {"owner": "layer0"}  # type: ignore[attr-defined]
+    sd = {"w": w, "b": torch.randn(2)}
+    with GraphStager() as stager:
+        for _ in range(2):  # planned, then replayed
+            out = stager.stage(sd)
+            assert out["w"].note == {"owner": "layer0"} and out["w"].note is not w.note
+            assert not hasattr(out["b"], "note")
+
+
+# ------------------------------------------------------------------------------ off the caller's thread
+
+
+def test_async_stage_runs_the_pipeline_on_the_staging_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = _dict(50, 3)
+    seen: list[threading.Thread] = []
+    with GraphStager(async_staging=True) as stager:
+        real = stager._pipeline
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            seen.append(threading.current_thread())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(stager, "_pipeline", spy)
+        out = stager.stage(sd).result(timeout=30)
+    assert seen and all(t is not threading.current_thread() for t in seen)
+    _assert_same(sd, out)
+
+
+def test_an_async_copy_is_the_state_at_the_call_and_independent_after_it_resolves() -> None:
+    sd = _dict(20, 4)
+    expected = {k: v.clone() for k, v in sd.items()}
+    with GraphStager(async_staging=True) as stager:
+        for _ in range(3):
+            fut = stager.stage(sd)
+            out = fut.result(timeout=30)
+            for v in sd.values():
+                v.add_(1)  # the next step, right after staging completed
+            _assert_same(expected, out)
+            expected = {k: v.clone() for k, v in sd.items()}
+            del out, fut
+
+
+def test_a_source_written_during_an_async_copy_fails_that_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    sd = _dict(10, 5)
+    with GraphStager(async_staging=True) as stager:
+        stager.stage(sd).result(timeout=30)
+        real = stager._copy_cpu
+
+        def copy_while_training_writes(plan: Any, staged_set: Any) -> None:
+            sd["t3"].add_(1)  # what an optimizer step that did not wait does
+            real(plan, staged_set)
+
+        monkeypatch.setattr(stager, "_copy_cpu", copy_while_training_writes)
+        with pytest.raises(SourceModifiedError, match=r"state_dict\['t3'\] was written while.*synchronize_staging"):
+            stager.stage(sd).result(timeout=30)
+        monkeypatch.setattr(stager, "_copy_cpu", real)
+        _assert_same(sd, stager.stage(sd).result(timeout=30))  # the next checkpoint is fine
+
+
+def test_sync_stage_returns_the_copy_and_records_every_figure() -> None:
+    sd = _dict(10, 6)
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        stats = stager.last_stats
+    _assert_same(sd, out)
+    assert stats.tensors == 10 and stats.nbytes == sum(v.nbytes for v in sd.values())
+    assert stats.blocked_s == stats.complete_s > 0 and stats.host_bytes >= stats.nbytes
