@@ -1,4 +1,4 @@
-"""Command line: ``python -m stager demo | bench | doctor``."""
+"""Command line: ``python -m stager demo | bench | doctor | verify``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand."""
     args = sys.argv[1:] if argv is None else argv
-    commands = ("demo", "bench", "doctor")
+    commands = ("demo", "bench", "doctor", "verify")
     usage = f"usage: python -m stager {{{'|'.join(commands)}}} [options]  (--help on each)"
     if args and args[0] in ("-h", "--help"):
         print(usage)
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
         from stager.bench import main as run
     elif cmd == "demo":
         from stager.demo import main as run
+    elif cmd == "verify":
+        from stager.verify import main as run
     else:
         from stager.doctor import main as run
     from stager._cli import fail

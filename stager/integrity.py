@@ -44,6 +44,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -68,9 +69,12 @@ __all__ = [
     "Mismatch",
     "StagedVerification",
     "checksum_staged_set",
+    "clear_checksums",
+    "compute_set_checksums",
     "read_checksums",
     "region_checksums",
     "region_of",
+    "staged_checksum",
     "store_checksums",
     "tensor_checksums",
     "verify_checkpoint",
@@ -256,6 +260,19 @@ def _set_checksums(staged_set: "StagedSet", regions: np.ndarray | None = None, t
     out = np.zeros(len(staged_set.plan.regions), dtype=np.uint64)
     out[order] = sums
     return out
+
+
+def compute_set_checksums(staged_set: "StagedSet") -> torch.Tensor:
+    """The checksum of every region of ``staged_set`` as its bytes are now (``int64``), without
+    storing them."""
+    return torch.from_numpy(_set_checksums(staged_set).view(np.int64))
+
+
+def clear_checksums(staged_set: "StagedSet") -> None:
+    """Forget the checksums stored on ``staged_set`` (its bytes are about to be replaced by a copy
+    that has none, e.g. a replica received without checksums)."""
+    staged_set.checksums = None  # type: ignore[attr-defined]
+    staged_set.checksum_s = 0.0  # type: ignore[attr-defined]
 
 
 def checksum_staged_set(staged_set: "StagedSet", stats: "StageStats | None" = None) -> None:
@@ -696,7 +713,9 @@ def verify_checkpoint(
         if not batch:
             return
         sd = {fqn: torch.empty(tuple(md.size), dtype=md.properties.dtype) for fqn, md in batch}
-        dcp.load(sd, checkpoint_id=path, no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled...": single-process by design
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(sd, checkpoint_id=path, no_dist=True)
         part = CheckpointChecksums(entries={k: e for k, e in sums.entries.items() if k[0] in sd})
         _check_loaded(report, part, sd, {})
         done += batch_size
