@@ -26,6 +26,16 @@ The replica is an ordinary staged dict: CPU tensors over per-region storages of 
 non-tensor leaves as sent. It can be written by DCP, sent back with :meth:`Replicator.send`, or
 copied into live tensors with :func:`stager.restore.restore_state`.
 
+Integrity. With ``STAGER_CHECKSUM`` not ``off``, the sender sends one checksum per region after
+the buffer: those stored with the staged copy (computed when it was staged, or when a replica was
+received: no pass over the bytes), else, with ``on``, computed from the regions just before
+sending. The receiver hashes the received regions and compares; a difference (a byte changed in
+transit, or in the sender's memory since the checksums were taken) raises
+:class:`~stager.errors.IntegrityError` naming the key path, the replica is not returned and the
+replicator stays usable. The verified checksums are stored with the replica, so a restore from it
+(:func:`stager.restore.restore_state`) verifies it again first, and sending it back to a
+restarted rank (:meth:`Replicator.send`) sends them along for that rank to verify on receipt.
+
 Failures. A rank whose staging failed calls :meth:`Replicator.abort` (``stage_and_replicate`` does
 it for you); its partner's ``replicate`` then raises :class:`PartnerFailedError` with that rank's
 message at once, and both replicators stay usable. A rank that never arrives makes its partner
@@ -93,7 +103,8 @@ DEFAULT_CHUNK_BYTES = 256 << 20
 _MAGIC = 0x53544752  # "STGR"
 _OK, _FAILED = 0, 1
 _NEED_PLAN, _NEED_OTHERS, _ABORTED = 1, 2, 4
-_HEADER = 9  # magic, status, plan key, buffer bytes, chunk bytes, plan len, leaves len, error len, leaves changed
+_HEADER = 10  # magic, status, plan key, buffer bytes, chunk bytes, plan len, leaves len, error len, leaves changed,
+#             checksums that follow the buffer (0: none)
 _PLANS_KEPT = 2  # plans cached per peer (each with its receive arenas)
 
 
@@ -113,6 +124,12 @@ class ReplicationStats:
     pack_s: float = 0.0
     wire_s: float = 0.0
     total_s: float = 0.0
+    checksums_sent: bool = False
+    """Whether region checksums went with the sent buffer (see Integrity in the module docstring)."""
+    verified_regions: int = 0
+    """Regions of the received replica whose bytes matched the checksums the sender sent."""
+    checksum_s: float = 0.0
+    """Time spent computing checksums to send and verifying the received replica."""
 
 
 class _Ref:
@@ -448,6 +465,81 @@ class Replicator:
             ) from None
         return buf.getvalue()
 
+    def _outbound_checksums(
+        self, entry: _Outbound, tensors: list[torch.Tensor], stats: ReplicationStats
+    ) -> torch.Tensor | None:
+        """One checksum per sent region, or None to send none (see Integrity above).
+
+        A region that is exactly a staged region with a stored checksum takes it; the rest are
+        computed from their bytes now when ``checksum`` is ``on``, or when some regions have
+        stored checksums (``auto``: complete what the staging kernels left out).
+        """
+        from stager.envs import Mode
+        from stager.integrity import region_checksums, region_of
+
+        mode = self.config.checksum
+        if mode is Mode.OFF or not entry.sizes:
+            return None
+        t0 = time.perf_counter()
+        values: list[int | None] = []
+        for (i, off), size in zip(entry.anchors, entry.sizes):
+            v = None
+            if i >= 0 and off == 0 and tensors[i].untyped_storage().nbytes() == size:
+                hit = region_of(tensors[i])
+                if hit is not None and hit[0].plan.regions[hit[1]].nbytes == size:
+                    v = int(hit[0].checksums[hit[1]])
+            values.append(v)
+        missing = [r for r, v in enumerate(values) if v is None]
+        if missing and mode is not Mode.ON and len(missing) == len(values):
+            return None
+        if missing:
+            if any(entry.anchors[r][0] < 0 for r in missing):  # pragma: no cover - every region has a leaf
+                return None
+            bufs = []
+            for r in missing:
+                i, off = entry.anchors[r]
+                bufs.append(
+                    torch.empty(0, dtype=torch.uint8).set_(tensors[i].untyped_storage(), off, (entry.sizes[r],), (1,))
+                )
+            for r, v in zip(missing, region_checksums(bufs).tolist()):
+                values[r] = v
+        stats.checksum_s += time.perf_counter() - t0
+        return torch.tensor(values, dtype=torch.int64)
+
+    @staticmethod
+    def _verify_received(
+        in_set: StagedSet, plan: Plan, sums: torch.Tensor | None, src: int, stats: ReplicationStats
+    ) -> None:
+        """Hash the received regions and compare with the sender's checksums; keep them with the
+        replica (or forget stale ones when none came)."""
+        from stager.integrity import clear_checksums, compute_set_checksums, format_checksum, store_checksums
+        from stager.errors import IntegrityError
+
+        if sums is None:
+            clear_checksums(in_set)
+            return
+        t0 = time.perf_counter()
+        found = compute_set_checksums(in_set)
+        bad = torch.nonzero(found != sums).flatten().tolist()
+        stats.checksum_s += time.perf_counter() - t0
+        if bad:
+            clear_checksums(in_set)
+            i = bad[0]
+            path = next((leaf.path for leaf in plan.leaves if leaf.region == i), "")
+            more = f", and {len(bad) - 1} more region(s) too" if len(bad) > 1 else ""
+            raise IntegrityError(
+                f"the replica from rank {src} arrived damaged: state_dict{path} does not match the checksum rank "
+                f"{src} sent with it (region {i}, {plan.regions[i].nbytes} bytes: expected "
+                f"{format_checksum(int(sums[i]))}, found {format_checksum(int(found[i]))}){more}; it changed in "
+                f"transit or in rank {src}'s memory after its checksums were taken. The replica was not kept; "
+                "replicate again (this Replicator is still usable)",
+                path=f"state_dict{path}",
+                expected=format_checksum(int(sums[i])),
+                found=format_checksum(int(found[i])),
+            )
+        store_checksums(in_set, sums, seconds=time.perf_counter() - t0)
+        stats.verified_regions = len(plan.regions)
+
     # ---------------------------------------------------------------- receiver side
 
     def _inbound(self, peer: _Peer, key: int, meta: bytes | None, src: int) -> _Inbound:
@@ -500,11 +592,13 @@ class Replicator:
         entry: _Outbound | None = None
         out_tensors: list[torch.Tensor] = []
         out_others = b""
+        out_sums: torch.Tensor | None = None
         prep_error: BaseException | None = None
         if dst is not None and failure is None:
             try:
                 entry, out_tensors, others = self._outbound(staged, self._peer(dst))
                 out_others = self._pickle_others(out_tensors, others, entry.tokens)
+                out_sums = self._outbound_checksums(entry, out_tensors, stats)
             except Exception as exc:
                 prep_error = exc
                 failure = f"{type(exc).__name__}: {exc}"
@@ -519,7 +613,8 @@ class Replicator:
             h_out = torch.tensor(
                 [_MAGIC, _FAILED if failure is not None else _OK, entry.key if entry else 0,
                  entry.buffer_bytes if entry else 0, self.chunk_bytes, len(entry.meta) if entry else 0,
-                 len(out_others), len(err), changed],
+                 len(out_others), len(err), changed,
+                 out_sums.numel() if out_sums is not None and failure is None else 0],
                 dtype=torch.int64,
             )
         h_in_t = torch.zeros(_HEADER, dtype=torch.int64) if src is not None else None
@@ -575,6 +670,7 @@ class Replicator:
         in_set: StagedSet | None = None
         inbound: _Inbound | None = None
         recv_view = send_view = None
+        sums_in: torch.Tensor | None = None
         posted = False
         try:
             if h_in is not None and failure is None and not src_failed:
@@ -592,17 +688,25 @@ class Replicator:
                     raise ReplicationError(
                         f"rank {src} announced {h_in[3]} buffer bytes for a plan of {inbound.plan.arena_bytes}"
                     )
+                if h_in[9] and h_in[9] != len(inbound.plan.regions):
+                    raise ReplicationError(
+                        f"rank {src} announced {h_in[9]} checksums for a plan of {len(inbound.plan.regions)} regions"
+                    )
                 in_set = self._lease(inbound)
                 recv_view = in_set.arena.tensor[: h_in[3]]
+                sums_in = torch.empty(h_in[9], dtype=torch.int64) if h_in[9] else None
             if entry is not None and failure is None and not (reply_in & _ABORTED):
                 send_view = self._buffer(entry, out_tensors, stats)
             t_wire = time.perf_counter()
             posted = True
-            ops.run_many(
-                "buffer",
-                [(c, src) for c in _chunks(recv_view, h_in[4])] if recv_view is not None else [],
-                [(c, dst) for c in _chunks(send_view, self.chunk_bytes)] if send_view is not None else [],
-            )
+            recvs = [(c, src) for c in _chunks(recv_view, h_in[4])] if recv_view is not None else []
+            sends = [(c, dst) for c in _chunks(send_view, self.chunk_bytes)] if send_view is not None else []
+            if sums_in is not None:
+                recvs.append((sums_in, src))
+            if send_view is not None and out_sums is not None:
+                sends.append((out_sums, dst))
+                stats.checksums_sent = True
+            ops.run_many("buffer", recvs, sends)
             stats.wire_s = time.perf_counter() - t_wire
             if send_view is not None:
                 stats.sent_bytes = send_view.numel()
@@ -610,6 +714,7 @@ class Replicator:
             replica = None
             if in_set is not None:
                 stats.received_bytes = recv_view.numel()
+                self._verify_received(in_set, inbound.plan, sums_in, src, stats)
                 _, others_in, refs = peer_in.others
                 # rebuild() deep-copies objects with memo {id(ref i): staged tensor i}.
                 replica = rebuild(inbound.plan.tokens, in_set.handout(), refs, others_in)
