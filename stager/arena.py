@@ -199,8 +199,11 @@ def _release(
             mm.close()
         except (BufferError, ValueError):  # pragma: no cover - an export still alive; GC frees it later
             pass
-    if path is not None:
-        shm.release_owned(path)
+    if path is not None and not shm.release_owned(path):
+        try:  # a file this process did not register (not made by stager.shm): remove it all the same
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 class HostArena:
