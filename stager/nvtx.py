@@ -170,10 +170,11 @@ class WindowToken:
         """End the capture range when ``result`` is complete, not when the ``with`` block exits.
 
         ``result`` is what ``stage()`` returns: a ``Future`` (asynchronous staging; the range
-        ends in its done callback, so the copies it waits for are inside it) or anything else
-        (the range ends at the block's exit). Returns ``result``.
+        ends in its done callback, so the copies it waits for are inside it; anything with
+        ``add_done_callback`` will do) or anything else (the range ends at the block's exit).
+        Returns ``result``.
         """
-        if self._stop and isinstance(result, Future):
+        if self._stop and (isinstance(result, Future) or callable(getattr(result, "add_done_callback", None))):
             self._deferred = True
             result.add_done_callback(lambda _: self._window._stop())
         return result

@@ -120,3 +120,16 @@ def test_host_bytes_follow_a_fresh_arena_until_its_dict_is_dropped() -> None:
 
 def test_host_bytes_is_exported() -> None:
     assert stager.HostBytes is HostBytes
+
+
+def test_importing_the_integrations_package_imports_no_framework() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, stager.integrations\n"
+        "print(json.dumps([m for m in ('torchtitan', 'torch_checkpointing') if m in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
