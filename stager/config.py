@@ -50,14 +50,6 @@ def describe_unknown(name: str, closest: str | None) -> str:
     )
 
 
-def _prepare_shared_memory() -> None:
-    # Arenas may be created on a staging thread, where no signal handler can be installed: this
-    # process will own /dev/shm files, so set up their SIGTERM clean-up now (main thread only).
-    from stager import shm
-
-    shm.install_sigterm_cleanup()
-
-
 _warned_lock = threading.Lock()
 _warned: set[str] = set()
 """Unknown variable names already warned about in this process."""
@@ -198,8 +190,6 @@ class StagerConfig:
             if knob.field in overrides:
                 values[knob.field] = knob.convert(overrides[knob.field], f"keyword {knob.field}")
                 sources[knob.field] = "argument"
-        if values["shared_memory"]:
-            _prepare_shared_memory()
         return cls(**values, sources=sources)
 
     def replace(self, **overrides: Any) -> "StagerConfig":
@@ -211,8 +201,6 @@ class StagerConfig:
         converted = {k: KNOBS_BY_FIELD[k].convert(v, f"keyword {k}") for k, v in overrides.items()}
         sources = dict(self.sources)
         sources.update({k: "argument" for k in converted})
-        if converted.get("shared_memory"):
-            _prepare_shared_memory()
         return dataclasses.replace(self, **converted, sources=sources)
 
     def describe(self) -> list[tuple[str, str, str]]:

@@ -131,6 +131,12 @@ class GraphStager:
         elif overrides:
             config = config.replace(**overrides)
         self.config = config
+        if config.shared_memory:
+            # Arenas may be created on the staging thread, where no signal handler can be
+            # installed: set up the SIGTERM clean-up of this process's /dev/shm files now.
+            from stager import shm
+
+            shm.install_sigterm_cleanup()
         self._slots: list[_PlanSlot] = []  # most recently used first
         self._closed = False
         self.last_stats: StageStats | None = None

@@ -7,7 +7,7 @@ import pytest
 from _proc import run
 
 SCRIPT = r"""
-import os, sys
+import os, signal, sys
 import torch
 from stager import GraphStager
 
@@ -20,6 +20,7 @@ out = out.result(timeout=30) if async_staging else out
 assert torch.equal(out["t7"], state["t7"])
 pid = os.fork()
 if pid == 0:
+    signal.alarm(60)  # a hung child ends itself: the test's time limit only reaches the parent
     try:
         for v in state.values():
             v.add_(1)

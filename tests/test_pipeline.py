@@ -56,20 +56,28 @@ def test_many_threads_on_one_stager_get_correct_copies(async_staging: bool, same
 
 
 def test_a_storage_reallocated_smaller_at_the_same_address_is_not_read_past_its_end() -> None:
-    # The planned storage is freed and grown again, smaller, possibly at the same address; the
-    # tensor keeps its shape, so its signature still matches. A replay read past the storage's end.
-    t = torch.randn(1 << 16)
-    sd = {"t": t}
+    # The planned storage is freed and grown again, a little smaller; the allocator hands back the
+    # same address now and then, and the tensor keeps its shape, so its signature still matches.
+    # A replay read past the storage's end.
+    reused = 0
     with GraphStager() as stager:
-        stager.stage(sd)
-        st = t.untyped_storage()
-        planned = st.data_ptr()
-        st.resize_(0)
-        st.resize_(1024)  # smaller than the tensor now claims
-        reused = st.data_ptr() == planned
-        with pytest.raises(StagingInputError, match=r"state_dict\['t'\].*past the end of its storage"):
+        for _ in range(400):
+            t = torch.empty(4096, dtype=torch.uint8)
+            sd = {"t": t}
             stager.stage(sd)
-        assert stager.plans_built == 1 or not reused
+            st = t.untyped_storage()
+            planned = st.data_ptr()
+            st.resize_(0)
+            st.resize_(4088)
+            if st.data_ptr() != planned:
+                continue
+            reused += 1
+            with pytest.raises(StagingInputError, match=r"state_dict\['t'\].*past the end of its storage"):
+                stager.stage(sd)
+            if reused == 3:
+                break
+    if not reused:  # pragma: no cover - depends on the C allocator's choices
+        pytest.skip("the allocator never handed the freed address back: the case did not arise")
 
 
 @pytest.mark.parametrize(
