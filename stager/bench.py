@@ -6,8 +6,11 @@ device-to-host copy for GPU sources) is measured in the same run. Warm-up calls 
 
 Columns: ``blocked`` is how long the caller of ``stage()`` waited, ``complete`` how long until the
 staged copy was complete (for synchronous providers the two are the same); both as p50 with the
-p20-p80 range, in ms. ``GB/s`` is bytes / complete (p50); ``x floor`` is complete / the floor's
-complete (lower is better; 1.0 is the floor).
+p20-p80 range, in ms. ``us/tensor`` is the blocked p50 per tensor leaf (the host work a caller
+pays per tensor). ``GB/s`` is bytes / complete (p50); ``x floor`` is complete / the floor's
+complete (lower is better; 1.0 is the floor). Besides PyTorch's stagers, ``bare _foreach_copy_``
+is one ``torch._foreach_copy_`` of the same tensors into destinations allocated once: the least
+any per-tensor copy can cost, with no walk, no check and no new objects.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Row:
     gbps: float
     x_floor: float
     note: str = ""
+    us_per_tensor: float = float("nan")
+    """Blocked p50 divided by the number of tensors, in microseconds."""
 
 
 # ------------------------------------------------------------------------------------ workloads
@@ -97,13 +102,20 @@ def _large(n: int, nbytes: int, device: str) -> dict[str, torch.Tensor]:
     return {f"big{i}": torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_() for i in range(n)}
 
 
+def _tiny(n: int, device: str) -> dict[str, torch.Tensor]:
+    """``n`` tensors of 16 floats: nothing but per-tensor overhead."""
+    return {f"t{i}": torch.randn(16, device=device) for i in range(n)}
+
+
 WORKLOADS: dict[str, dict[str, Callable[[], Any]]] = {
     "cpu": {
+        "tiny": lambda: _tiny(100_000, "cpu"),
         "small": lambda: _small(20_000, 1024, 16 * 1024, "cpu"),
         "mixed": lambda: _mixed(12, 512, 8192, "cpu"),
         "large": lambda: _large(3, 256 * MiB, "cpu"),
     },
     "cuda": {
+        "tiny": lambda: _tiny(100_000, "cuda"),
         "small": lambda: _small(50_000, 8 * 1024, 76 * 1024, "cuda"),
         "mixed": lambda: _mixed(24, 2048, 32768, "cuda"),
         "large": lambda: _large(8, 1024 * MiB, "cuda"),
@@ -154,6 +166,7 @@ def _providers(device: str) -> dict[str, Callable[[], Any]]:
         "stager (async)": lambda: GraphStager(cache_policy="cached", async_staging=True),
         "stager (fresh arena per call)": lambda: GraphStager(cache_policy="fresh"),
         "dcp-default (no stager)": lambda: DefaultStager(StagingOptions(False, False, False, False)),
+        "bare _foreach_copy_": _BareForeach,
     }
     if device == "cuda":
         providers["DefaultStager(StagingOptions())"] = lambda: DefaultStager(StagingOptions())
@@ -162,6 +175,27 @@ def _providers(device: str) -> dict[str, Callable[[], Any]]:
     else:
         providers["BlockingAsyncStager()"] = lambda: BlockingAsyncStager()
     return providers
+
+
+class _BareForeach:
+    """One ``torch._foreach_copy_`` of the state dict's tensors into destinations made once.
+
+    The tensor list is collected on the first call only: what is timed is the copy alone.
+    """
+
+    def __init__(self) -> None:
+        self._src: list[torch.Tensor] | None = None
+
+    def stage(self, sd: Any) -> Any:
+        if self._src is None:
+            self._src = _tensors(sd)
+            pin = bool(self._src) and self._src[0].is_cuda
+            self._dst = [torch.empty_like(t, device="cpu", pin_memory=pin) for t in self._src]
+        torch._foreach_copy_(self._dst, self._src)
+        return self._dst
+
+    def close(self) -> None:
+        self._src = None
 
 
 class _TorchPack:
@@ -305,7 +339,7 @@ def run(
             rows.append(Row(
                 device, case, n_tensors, round(nbytes / MiB, 1), name,
                 _pct(b, 0.5), _pct(b, 0.2), _pct(b, 0.8), p50, _pct(c, 0.2), _pct(c, 0.8),
-                nbytes / (p50 / 1e3) / 1e9, p50 / floor, note,
+                nbytes / (p50 / 1e3) / 1e9, p50 / floor, note, _pct(b, 0.5) * 1e3 / max(n_tensors, 1),
             ))
         del sd
         gc.collect()
@@ -314,11 +348,39 @@ def run(
     return head, rows
 
 
+def wrap_checkpoint_times(n_params: int = 5000, checkpoints: int = 6, numel: int = 64) -> tuple[list[float], int]:
+    """How long ``stager.wrap(model, AdamW).checkpoint(path)`` keeps the training loop waiting.
+
+    The model has ``n_params`` parameters of ``numel`` floats; each checkpoint follows an
+    optimizer step (synthetic gradients) and is written to a temporary directory. Returns the
+    seconds each ``checkpoint()`` call took (the first included) and the tensors per checkpoint.
+    """
+    import tempfile
+
+    import stager
+
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(numel)) for _ in range(n_params)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    times: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="stager-bench-wrap-") as root:
+        with stager.wrap(model, opt) as handle:
+            for i in range(checkpoints):
+                for p in model:
+                    p.grad = torch.ones_like(p)
+                opt.step()  # waits for the previous checkpoint's copy (the step pre-hook)
+                t0 = time.perf_counter()
+                handle.checkpoint(os.path.join(root, f"ckpt-{i}"))
+                times.append(time.perf_counter() - t0)
+            handle.wait()
+            tensors = handle.stats.tensors if handle.stats else 0
+    return times, tensors
+
+
 def format_table(head: dict, rows: list[Row]) -> str:
     """The human-readable table."""
     lines = [" ".join(f"{k}={v}" for k, v in head.items())]
     cols = f"{'case':<6} {'tensors':>7} {'MiB':>8}  {'provider':<32} {'blocked ms p50 (p20-p80)':>26} " \
-           f"{'complete ms p50 (p20-p80)':>27} {'GB/s':>7} {'x floor':>8}"
+           f"{'us/tensor':>9} {'complete ms p50 (p20-p80)':>27} {'GB/s':>7} {'x floor':>8}"
     lines += [cols, "-" * len(cols)]
     for r in rows:
         if r.note.startswith("failed"):
@@ -327,7 +389,7 @@ def format_table(head: dict, rows: list[Row]) -> str:
         lines.append(
             f"{r.case:<6} {r.tensors:>7} {r.mib:>8.1f}  {r.provider:<32} "
             f"{r.blocked_ms_p50:>9.2f} ({r.blocked_ms_p20:>6.2f}-{r.blocked_ms_p80:>7.2f}) "
-            f"{r.complete_ms_p50:>10.2f} ({r.complete_ms_p20:>6.2f}-{r.complete_ms_p80:>7.2f}) "
+            f"{r.us_per_tensor:>9.3f} {r.complete_ms_p50:>10.2f} ({r.complete_ms_p20:>6.2f}-{r.complete_ms_p80:>7.2f}) "
             f"{r.gbps:>7.2f} {r.x_floor:>8.2f}" + (f"  {r.note}" if r.note else "")
         )
     return "\n".join(lines)
@@ -339,13 +401,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = Parser(prog="python -m stager bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--cases", default="small,mixed,large", help="comma-separated: small,mixed,large")
+    parser.add_argument("--cases", default="tiny,small,mixed,large", help="comma-separated: tiny,small,mixed,large")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per provider (after 2 warm-ups)")
     parser.add_argument("--providers", default=None, help="comma-separated substrings of provider names")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     parser.add_argument(
         "--budget", type=float, default=None, metavar="SECONDS",
         help="at most this long per provider and case (default: no limit); fewer calls are noted in the row",
+    )
+    parser.add_argument(
+        "--wrap", action="store_true",
+        help="also time stager.wrap(model, AdamW).checkpoint() for a model of 5,000 parameters",
     )
     args = parser.parse_args(argv)
     if args.iters < 1:
@@ -373,6 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     budget = float("inf") if args.budget is None else args.budget
     head, rows = run(args.device, cases, args.iters, providers, budget)
     print(format_table(head, rows))
+    if args.wrap:
+        times, tensors = wrap_checkpoint_times()
+        later = times[1:] or times
+        print(
+            f"wrap: checkpoint() returned in {_pct(later, 0.5):.3f} ms p50 ({_pct(later, 0.2):.3f}-"
+            f"{_pct(later, 0.8):.3f}) after the first ({times[0] * 1e3:.3f} ms), 5,000 parameters with "
+            f"AdamW ({tensors} tensors), {args.device.upper() if args.device == 'cpu' else args.device} figures"
+        )
     if args.json:
         try:
             with open(args.json, "w") as f:
