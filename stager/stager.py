@@ -56,6 +56,7 @@ from stager.errors import (
 )
 from stager.headroom import HostDecision, decide_host, read_host
 from stager.holders import traceback_holders
+from stager.integrity import checksum_staged_set, clear_checksums
 from stager.plan import Plan, build_plan, find_cycle, gc_paused, rebuild, walk
 from stager.stats import StageStats
 from stager.stats import record as record_stats
@@ -432,6 +433,12 @@ class GraphStager:
                     t1 = min(t1, pending.t0)
                 if pending is None or not leave_in_flight:
                     stats.copy_s = copied - t1
+                    if self.config.checksum is Mode.ON:
+                        checksum_staged_set(staged_set, stats)  # the copy is complete: hash it
+                    else:
+                        clear_checksums(staged_set)
+                else:
+                    clear_checksums(staged_set)  # still being copied: nothing to vouch for yet
                 completed = True
             finally:
                 if pending is not None and not (completed and leave_in_flight):
