@@ -101,6 +101,7 @@ def test_step_waits_on_the_device_and_staging_overlaps(tmp_path: Path, monkeypat
         monkeypatch.setattr(torch.cuda.Stream, "synchronize", recorder("Stream.synchronize", torch.cuda.Stream.synchronize))
         monkeypatch.setattr(torch.cuda, "synchronize", recorder("torch.cuda.synchronize", torch.cuda.synchronize))
         handle.checkpoint(tmp_path / "c")
+        assert handle._staging is not None and handle._staging.staged.wait(30)  # queued on the side stream
         events = handle._events
         assert events, "the stager left no device copy in flight (GraphStager.stage_nowait missing?)"
         train_step(model, opt, x, y)  # forward (BatchNorm hook), backward, step (step hook)
