@@ -1,7 +1,8 @@
 """The staging program and its executors (import name ``stager.graphs``).
 
 * :mod:`stager.graphs.program` -- :class:`Program`, an immutable ordered list of pack / copy /
-  record ops built from a plan for one device, and :func:`bind_program`, which ties it to memory.
+  (optionally) checksum / record ops built from a plan for one device, and :func:`bind_program`,
+  which ties it to memory.
 * :mod:`stager.graphs.eager` -- :func:`run_eager`: run a bound program now on a stream (CPU
   tensors included, packed with the Triton interpreter or the plain-torch reference).
 * :mod:`stager.graphs.cuda_graph` -- :class:`CudaGraphExecutor`: warm up, capture as CUDA graphs,
@@ -17,6 +18,8 @@ from stager.graphs.eager import issue_ops, run_eager
 from stager.graphs.program import (
     MIN_RUN,
     Bindings,
+    ChecksumCopyOp,
+    ChecksumOp,
     ChunkCopyOp,
     DirectCopyOp,
     Op,
@@ -33,6 +36,8 @@ __all__ = [
     "Bindings",
     "CaptureKey",
     "CaptureTracker",
+    "ChecksumCopyOp",
+    "ChecksumOp",
     "ChunkCopyOp",
     "CudaGraphExecutor",
     "DirectCopyOp",

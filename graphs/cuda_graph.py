@@ -6,7 +6,8 @@ The first run of a program on a destination warms it up eagerly on the executor'
 stream. Later runs replay the graphs: one launch per piece, whatever the number of tensors.
 
 What a capture bakes in, and so what it is keyed by (:class:`CaptureKey`): the program (its
-structure), the destination arena and the chunk buffers. One executor serves one binding of one
+structure), the destination arena, the chunk buffers and, for a checksum program, its checksum
+buffers. One executor serves one binding of one
 program to one arena, so its key never changes once captured; a run with another key is a
 programming error and raises. The source addresses are baked in too, but they are not checked
 here: the stager's plan check before every stage is the one place that decides that the sources
@@ -15,8 +16,9 @@ bindings and a new executor. :class:`CaptureTracker` is the capture/replay decis
 state machine (testable without a GPU); it also counts captures and replays.
 
 Capture rules followed here (see ``torch/cuda/graphs.py``): every buffer is allocated before
-capture and nothing is allocated during it (pack tables are prepared when binding, chunks belong
-to the caller); destinations are pinned host memory; ``capture_error_mode="thread_local"`` so a
+capture (pack and checksum tables are prepared when binding, chunks and checksum buffers belong
+to the caller; the only tensors made during a capture are the checksum's few small temporaries,
+which come from the graph's private memory pool); destinations are pinned host memory; ``capture_error_mode="thread_local"`` so a
 training thread's unsafe CUDA calls elsewhere do not abort the capture. ``capture_begin`` is
 called directly rather than through ``torch.cuda.graph``, whose entry synchronises the whole
 device and empties the allocator's cache: neither belongs in a training step.
@@ -93,15 +95,19 @@ class CaptureKey:
     """Address of the destination arena."""
     chunks: tuple[int, ...]
     """Addresses of the chunk buffers."""
+    checksums: tuple[int, ...] = ()
+    """Addresses of the device and host checksum buffers (checksum programs only)."""
 
 
 def capture_key(bindings: Bindings) -> CaptureKey:
-    """The key of ``bindings``: its program's structure, arena and chunk addresses."""
+    """The key of ``bindings``: its program's structure, arena, chunk and checksum addresses."""
     program = bindings.program
+    sums = (bindings.checksums, bindings.host_checksums)
     return CaptureKey(
         program=program.key,
         arena=bindings.arena.data_ptr(),
         chunks=tuple(c.data_ptr() for c in bindings.chunks[: program.slots]),
+        checksums=tuple(t.data_ptr() for t in sums if t is not None),
     )
 
 

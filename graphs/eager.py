@@ -15,7 +15,7 @@ from typing import Any, ContextManager
 import torch
 
 from stager import nvtx
-from stager.graphs.program import COPY, PACK, Bindings
+from stager.graphs.program import COPY, PACK, PACK_SUM, SUM, Bindings
 
 __all__ = ["run_eager", "issue_ops"]
 
@@ -38,11 +38,11 @@ def issue_ops(
     *,
     nvtx_enabled: bool = False,
 ) -> None:
-    """Issue the copy and pack ops at indices ``ops`` (default: the whole program) on the current
-    stream. :class:`~stager.graphs.program.RecordEventOp` marks where the program ends: the
-    executor records the caller's done event there, never inside a captured graph.
+    """Issue the copy, pack and checksum ops at indices ``ops`` (default: the whole program) on
+    the current stream. :class:`~stager.graphs.program.RecordEventOp` marks where the program
+    ends: the executor records the caller's done event there, never inside a captured graph.
     """
-    from stager.kernels import pack_gather
+    from stager.kernels import pack_gather, region_checksums
 
     steps = bindings.steps if ops is None else bindings.steps[ops.start : ops.stop]
     use_triton = bindings.use_triton
@@ -54,6 +54,12 @@ def issue_ops(
         elif code == PACK:
             with nvtx.range("stager/pack", nvtx_enabled):
                 pack_gather(a, b, validate=False, use_triton=use_triton)
+        elif code == PACK_SUM:
+            table, sums = a
+            with nvtx.range("stager/pack", nvtx_enabled):
+                pack_gather(table, b, validate=False, use_triton=use_triton, checksums=sums)
+        elif code == SUM:  # one launch per program: it shows in a trace as its kernel
+            region_checksums(a, b, use_triton=use_triton)
 
 
 def run_eager(

@@ -16,6 +16,10 @@ Ops, in the order they run:
 * :class:`ChunkCopyOp` -- copy the first ``nbytes`` of that slot to ``arena[arena_offset:]`` in
   one device-to-host copy (the padding bytes it also writes belong to no region).
 * :class:`DirectCopyOp` -- copy one region straight into its arena slot.
+* :class:`ChecksumOp` -- (checksum programs only) hash the directly copied regions from their
+  device sources with one checksum kernel launch.
+* :class:`ChecksumCopyOp` -- (checksum programs only) copy the device checksums to the small
+  host buffer, after every other copy and before the done marker.
 * :class:`RecordEventOp` -- record an event (``done`` closes every program).
 
 Runs. The arena layout is fixed by the plan, so a chunk copy may only cover arena bytes that
@@ -31,6 +35,16 @@ the arena lets all of them pack.
 Slots. Runs use ``slots`` chunk buffers in turn (a ring): run ``k`` packs into slot ``k % slots``.
 Every op runs on one stream, so a slot is never refilled before its previous copy has been
 issued ahead of it; the device memory is ``slots * chunk_bytes`` whatever the number of runs.
+
+Checksums. ``build_program(..., checksum=True)`` makes a program that also computes the
+``stager-lanes64`` checksum (:mod:`stager.kernels.lanes64`) of every region it stages, on the
+device, in the same stream (and so in the same CUDA graph): each pack hashes its regions in the
+pack launch itself (``pack_gather(..., checksums=...)``), one :class:`ChecksumOp` hashes every
+directly copied region from its device source, and a :class:`ChecksumCopyOp` copies the values to
+a host buffer before the done marker. The values land in one ``int64`` device buffer with one
+*checksum slot* per region: the packed regions in pack order, then the direct ones
+(:attr:`Program.checksum_regions` names the region of each slot), so that every launch writes one
+contiguous slice. A checksum program is a different program (:attr:`Program.key`).
 """
 
 from __future__ import annotations
@@ -52,6 +66,8 @@ __all__ = [
     "ChunkCopyOp",
     "DirectCopyOp",
     "RecordEventOp",
+    "ChecksumOp",
+    "ChecksumCopyOp",
     "Op",
     "Program",
     "Bindings",
@@ -74,6 +90,8 @@ class PackOp:
     sizes: tuple[int, ...]
     nbytes: int
     """Bytes of the regions themselves (without padding)."""
+    checksum_at: int = -1
+    """Checksum slot of ``regions[0]`` (the others follow), or -1: the pack computes none."""
 
     kind = "pack"
 
@@ -113,7 +131,29 @@ class RecordEventOp:
     kind = "record"
 
 
-Op = Union[PackOp, ChunkCopyOp, DirectCopyOp, RecordEventOp]
+@dataclass(frozen=True)
+class ChecksumOp:
+    """Hash ``regions`` (copied directly) from their device sources into checksum slots
+    ``first .. first + len(regions) - 1``, in one launch."""
+
+    regions: tuple[int, ...]
+    first: int
+    nbytes: int
+    """Bytes hashed."""
+
+    kind = "checksum"
+
+
+@dataclass(frozen=True)
+class ChecksumCopyOp:
+    """Copy the ``count`` device checksums to the host checksum buffer."""
+
+    count: int
+
+    kind = "copy-sums"
+
+
+Op = Union[PackOp, ChunkCopyOp, DirectCopyOp, ChecksumOp, ChecksumCopyOp, RecordEventOp]
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,11 +174,16 @@ class Program:
     pack_threshold: int
     regions: tuple[int, ...]
     """Every region the program copies, in arena order."""
+    checksum: bool = False
+    """Whether the program computes each region's checksum on the device."""
+    checksum_regions: tuple[int, ...] = ()
+    """The region of each checksum slot (checksum programs: every region of :attr:`regions`,
+    packed ones first in pack order, then the direct ones; else empty)."""
     key: tuple = field(init=False, repr=False)
-    """``(device, slots, chunk_bytes, ops)``: equal keys, equal programs."""
+    """``(device, slots, chunk_bytes, ops, checksum)``: equal keys, equal programs."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", (str(self.device), self.slots, self.chunk_bytes, self.ops))
+        object.__setattr__(self, "key", (str(self.device), self.slots, self.chunk_bytes, self.ops, self.checksum))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Program) and self.key == other.key
@@ -189,15 +234,17 @@ class Program:
     def pieces(self, n: int) -> tuple[range, ...]:
         """The op indices cut into at most ``n`` consecutive ranges of about equal bytes.
 
-        A pack is never separated from its chunk copy, and a record op stays with the op before
-        it. Each range can be captured as its own graph and replayed after the previous one.
+        A pack is never separated from its chunk copy, and the checksum and record ops stay with
+        the op before them. Each range can be captured as its own graph and replayed after the
+        previous one.
         """
         if n < 1:
             raise ValueError(f"pieces must be >= 1, got {n}")
         starts: list[int] = []  # first op index of each unit
         weights: list[int] = []
         for i, op in enumerate(self.ops):
-            if isinstance(op, ChunkCopyOp) or (isinstance(op, RecordEventOp) and starts):
+            trailing = isinstance(op, (RecordEventOp, ChecksumOp, ChecksumCopyOp))
+            if isinstance(op, ChunkCopyOp) or (trailing and starts):
                 continue  # belongs to the unit before
             starts.append(i)
             weights.append(op.nbytes if isinstance(op, (PackOp, DirectCopyOp)) else 0)
@@ -224,6 +271,7 @@ class Program:
             f"{len(packs)} runs over {self.slots} chunk slot(s) of {format_size(self.chunk_bytes)}; "
             f"{len(directs)} regions ({format_size(direct_bytes)}) copied directly "
             f"(pack threshold {format_size(self.pack_threshold)}, chunk size {format_size(self.chunk_size)})"
+            + ("; checksums on the device" if self.checksum else "")
         ]
         for i, op in enumerate(self.ops):
             if isinstance(op, PackOp):
@@ -241,6 +289,13 @@ class Program:
                     f"region {op.region} -> arena[{op.arena_offset}:{op.arena_offset + op.nbytes}] "
                     f"({format_size(op.nbytes)})"
                 )
+            elif isinstance(op, ChecksumOp):
+                what = (
+                    f"{len(op.regions)} direct regions ({format_size(op.nbytes)}) -> checksum slots "
+                    f"{op.first}..{op.first + len(op.regions) - 1}"
+                )
+            elif isinstance(op, ChecksumCopyOp):
+                what = f"{op.count} checksums -> host"
             else:
                 what = f"event {op.name!r}"
             lines.append(f"  {i:4d} {op.kind:<11} {what}")
@@ -261,11 +316,15 @@ def build_program(
     chunk_size: int,
     slots: int = 2,
     pack: bool = True,
+    checksum: bool = False,
 ) -> Program:
     """The staging program for the regions of ``regions`` (a plan's full list) on ``device``.
 
     ``pack=False`` copies every region directly (the fallback when device memory is short).
     Regions of other devices are skipped but still end a run, since their arena bytes lie between.
+    ``checksum=True`` also computes every region's checksum on the device (see the module
+    docstring): the packs hash what they copy, a :class:`ChecksumOp` hashes the direct regions,
+    and a :class:`ChecksumCopyOp` before the done marker brings the values to the host.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -278,6 +337,7 @@ def build_program(
     run: list["Region"] = []
     n_runs = 0
     chunk_bytes = 0
+    summed: list[int] = []  # checksum slot -> region, for the packs (checksum programs)
 
     def flush() -> None:
         nonlocal n_runs, chunk_bytes
@@ -291,7 +351,10 @@ def build_program(
                 offsets=tuple(r.arena_offset - start for r in run),
                 sizes=tuple(r.nbytes for r in run),
                 nbytes=sum(r.nbytes for r in run),
+                checksum_at=len(summed) if checksum else -1,
             ))
+            if checksum:
+                summed.extend(r.index for r in run)
             ops.append(ChunkCopyOp(slot, start, span, run[0].index, run[-1].index))
             n_runs += 1
             chunk_bytes = max(chunk_bytes, span)
@@ -312,6 +375,13 @@ def build_program(
             flush()
         run.append(r)
     flush()
+    if checksum:
+        directs = [op for op in ops if isinstance(op, DirectCopyOp)]
+        if directs:
+            ops.append(ChecksumOp(tuple(d.region for d in directs), len(summed), sum(d.nbytes for d in directs)))
+            summed.extend(d.region for d in directs)
+        if summed:
+            ops.append(ChecksumCopyOp(len(summed)))
     ops.append(RecordEventOp("done"))
     return Program(
         device=device,
@@ -321,6 +391,8 @@ def build_program(
         chunk_size=chunk_size,
         pack_threshold=pack_threshold,
         regions=tuple(r.index for r in ordered if r.device == device),
+        checksum=checksum,
+        checksum_regions=tuple(summed),
     )
 
 
@@ -329,7 +401,7 @@ def build_program(
 # --------------------------------------------------------------------------------------------
 
 
-PACK, COPY, RECORD = range(3)
+PACK, COPY, RECORD, PACK_SUM, SUM = range(5)
 """Step codes of :attr:`Bindings.steps`."""
 
 
@@ -352,7 +424,15 @@ class Bindings:
     """One prepared pack table per :class:`PackOp`, in op order."""
     steps: tuple[tuple[int, Any, Any], ...]
     """One step per op, everything resolved: ``(PACK, table, chunk)``, ``(COPY, target,
-    input)`` (an arena slice and a chunk prefix or source view), ``(RECORD, name, None)``."""
+    input)`` (an arena slice and a chunk prefix or source view; or the host checksum buffer and
+    the device one), ``(RECORD, name, None)``; in checksum programs ``(PACK_SUM, (checksum
+    table, checksum slots), chunk)`` and ``(SUM, checksum table, checksum slots)``."""
+    checksums: torch.Tensor | None = None
+    """Checksum programs: ``int64``, one slot per region (:attr:`Program.checksum_regions`), on
+    the program's device; the kernels write it."""
+    host_checksums: torch.Tensor | None = None
+    """Checksum programs: ``int64`` host buffer of the same length (pinned for a CUDA-graph
+    capture) that the program's last copy fills; read it once the done event completed."""
     use_triton: bool | None = None
     """Passed to ``pack_gather``: None picks the kernel where it runs, False the reference."""
     non_blocking: bool = False
@@ -367,14 +447,19 @@ def bind_program(
     *,
     use_triton: bool | None = None,
     non_blocking: bool = False,
+    checksums: torch.Tensor | None = None,
+    host_checksums: torch.Tensor | None = None,
 ) -> Bindings:
     """Bind ``program`` to memory: check sizes, build every arena slice and pack table once.
 
     Preparing a pack table copies its launch table to the device (on the current stream, which
-    then must not be waiting behind the caller's work). Raises ``ValueError`` when a buffer is too
-    small or on the wrong device.
+    then must not be waiting behind the caller's work). A checksum program also needs
+    ``checksums`` (``int64``, one element per :attr:`Program.checksum_regions`, on the program's
+    device) and ``host_checksums`` (the same on the host, pinned for a capture); its checksum
+    tables are prepared here too, so a run allocates no buffer of its own. Raises ``ValueError``
+    when a buffer is too small, missing or on the wrong device.
     """
-    from stager.kernels import prepare_table, table_from_triples
+    from stager.kernels import prepare_checksum_table, prepare_table, table_from_triples
 
     if arena.dtype != torch.uint8 or arena.dim() != 1:
         raise ValueError(f"arena must be a 1-D uint8 tensor; got dtype={arena.dtype}, shape={tuple(arena.shape)}")
@@ -388,6 +473,10 @@ def bind_program(
             )
         if c.device != program.device:
             raise ValueError(f"chunk {i} is on {c.device}, the program on {program.device}")
+    if program.checksum:
+        n = len(program.checksum_regions)
+        _check_checksums(checksums, "checksums", n, program.device)
+        _check_checksums(host_checksums, "host_checksums", n, torch.device("cpu"))
     tables = []
     steps: list[tuple[int, Any, Any]] = []
     for op in program.ops:
@@ -397,13 +486,29 @@ def bind_program(
                 _check_source(s, n, i, program.device)
             table = table_from_triples(zip((s.data_ptr() for s in src), op.offsets, op.sizes))
             tables.append(prepare_table(table, program.device))
-            steps.append((PACK, tables[-1], chunks[op.slot][: program.chunk_bytes]))
+            chunk = chunks[op.slot][: program.chunk_bytes]
+            if op.checksum_at >= 0 and checksums is not None:
+                out = checksums.narrow(0, op.checksum_at, len(op.regions))
+                steps.append((PACK_SUM, (prepare_checksum_table(tables[-1]), out), chunk))
+            else:
+                steps.append((PACK, tables[-1], chunk))
         elif isinstance(op, ChunkCopyOp):
             steps.append((COPY, _arena_slice(arena, op.arena_offset, op.nbytes), chunks[op.slot][: op.nbytes]))
         elif isinstance(op, DirectCopyOp):
             src = sources[op.region]
             _check_source(src, op.nbytes, op.region, program.device)
             steps.append((COPY, _arena_slice(arena, op.arena_offset, op.nbytes), src))
+        elif isinstance(op, ChecksumOp):
+            assert checksums is not None  # checked above for checksum programs
+            table = table_from_triples((sources[i].data_ptr(), 0, sources[i].numel()) for i in op.regions)
+            steps.append((
+                SUM,
+                prepare_checksum_table(table, program.device),
+                checksums.narrow(0, op.first, len(op.regions)),
+            ))
+        elif isinstance(op, ChecksumCopyOp):
+            assert checksums is not None and host_checksums is not None
+            steps.append((COPY, host_checksums[: op.count], checksums[: op.count]))
         else:
             steps.append((RECORD, op.name, None))
     return Bindings(
@@ -413,9 +518,31 @@ def bind_program(
         chunks=tuple(chunks),
         tables=tuple(tables),
         steps=tuple(steps),
+        checksums=checksums if program.checksum else None,
+        host_checksums=host_checksums if program.checksum else None,
         use_triton=use_triton,
         non_blocking=non_blocking,
     )
+
+
+def _check_checksums(buf: torch.Tensor | None, name: str, n: int, device: torch.device) -> None:
+    if (
+        not isinstance(buf, torch.Tensor)
+        or buf.dtype != torch.int64
+        or buf.dim() != 1
+        or buf.numel() != n
+        or not buf.is_contiguous()
+        or buf.device != device
+    ):
+        got = (
+            f"dtype={buf.dtype}, shape={tuple(buf.shape)}, device={buf.device}"
+            if isinstance(buf, torch.Tensor)
+            else type(buf).__name__
+        )
+        raise ValueError(
+            f"a checksum program needs {name}: a contiguous int64 tensor of {n} elements (one per "
+            f"region it stages) on {device}; got {got}"
+        )
 
 
 def _check_source(src: torch.Tensor, nbytes: int, region: int, device: torch.device) -> None:
