@@ -1,10 +1,11 @@
 """``python -m stager doctor``: what this machine offers the stager, and what a stage would do now.
 
 Prints versions (Python, torch, Triton, CUDA, driver), the GPUs and NVML's state, the PCIe link,
-host and device headroom with the source of every figure, the profile and every ``STAGER_*``
-value with its source, stager's files in ``/dev/shm`` (owner, size, whether the owner still holds
-its lock, what is reclaimable; ``--reclaim`` removes the stale ones), and the path a stage of
-``--bytes`` (default 1 GiB, of which ``--small-fraction`` is small tensors) would take right now.
+host and device headroom with the source of every figure, where a program reads the host memory
+its stager holds, the profile and every ``STAGER_*`` value with its source, stager's files in
+``/dev/shm`` (owner, size, whether the owner still holds its lock, what is reclaimable;
+``--reclaim`` removes the stale ones), and the path a stage of ``--bytes`` (default 1 GiB, of
+which ``--small-fraction`` is small tensors) would take right now.
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ def report(
     took = time.perf_counter() - t0
     lines.append(f"headroom (one reading took {took * 1e3:.3f} ms):")
     lines += [f"  {line}" for line in reading.describe()]
+    lines.append(
+        "  held by a stager: none in this process (a fresh doctor holds no arena); a program reads its "
+        "own with GraphStager.host_bytes() -> HostBytes(total, pinned), and every StageStats records "
+        "host_bytes and pinned_bytes"
+    )
 
     lines.append(f"configuration (profile {cfg.profile!r}):")
     width = max(len(name) for name, _, _ in cfg.describe())

@@ -2,8 +2,9 @@
 
 The README's snippet (the llama3 ``debugmodel`` on a one-rank gloo group, three saves) runs in a
 child process per ``async_mode``, under a time limit; the checkpoints are then loaded bit-exactly
-through a stock synchronous ``CheckpointManager``. Skipped where torchtitan is not installed
-(``make test`` installs it).
+through a stock synchronous ``CheckpointManager``. One more child saves once per writer kind
+with checksums on; ``python -m stager verify`` then checks the sidecars and names a flipped byte.
+Skipped where torchtitan is not installed (``make test`` installs it).
 """
 
 from __future__ import annotations
@@ -146,6 +147,35 @@ def child(mode: str, out_path: str) -> None:
     dist.destroy_process_group()
 
 
+def checksum_child(base: str) -> None:
+    """One "async" save with ``stager_checksum="on"`` and one "async_with_pinned_mem" save with
+    ``STAGER_CHECKSUM=on``, each into its own folder under ``base``."""
+    import torch
+    import torch.distributed as dist
+
+    from stager.integrations.torchtitan import StagerCheckpointManager
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    for mode, field in [(ASYNC, "on"), (PINNED, None)]:
+        if field is None:
+            os.environ["STAGER_CHECKSUM"] = "on"
+        model, optimizers, lr_schedulers = _build_parts()
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizers.step()
+        checkpointer = StagerCheckpointManager.Config(
+            enable=True, interval=1, keep_latest_k=0, async_mode=mode, stager_checksum=field,
+        ).build(
+            dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=lr_schedulers,
+            states={}, sd_adapter=None, base_folder=os.path.join(base, mode),
+        )
+        checkpointer.save(1)
+        checkpointer.maybe_wait_for_staging()
+        checkpointer.maybe_wait_for_saving()
+        checkpointer.close()
+    dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------ tests
 
 
@@ -182,6 +212,37 @@ def test_torchtitan_checkpoint_manager_flow(mode: str, tmp_path: Path) -> None:
     assert _shm_files_of(r["pid"]) == []
 
 
+def test_saves_carry_checksums_that_verify_finds_and_a_flipped_byte_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from stager.verify import main as verify_main
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STAGER_")}
+    proc = subprocess.run(
+        [sys.executable, __file__, "checksums", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for mode in (ASYNC, PINNED):
+        ckpt = tmp_path / mode / "checkpoint" / "step-1"
+        [sidecar] = ckpt.glob("*stager-checksums.json")
+        md = FileSystemReader(str(ckpt)).read_metadata()
+        tensors = {k for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks")}
+        assert {e["fqn"] for e in json.loads(sidecar.read_text())["entries"]} == tensors, mode
+        assert verify_main([str(ckpt), "--require", "--no-progress"]) == 0, mode
+        assert capsys.readouterr().out.startswith(f"OK: {len(tensors)} tensor chunk(s) verified"), mode
+
+        index, info = max(md.storage_data.items(), key=lambda kv: kv[1].length)  # the largest tensor
+        fqn = index.fqn
+        data = bytearray((ckpt / info.relative_path).read_bytes())
+        data[info.offset + info.length // 2] ^= 0x08
+        (ckpt / info.relative_path).write_bytes(bytes(data))
+        assert verify_main([str(ckpt), "--no-progress"]) == 1, mode
+        assert capsys.readouterr().out.startswith(f"MISMATCH {fqn}: file {info.relative_path}"), mode
+
+
 def test_config_is_a_checkpoint_manager_config_that_builds_the_stager_manager() -> None:
     from torchtitan.components.checkpointer import BaseCheckpointManager, CheckpointManager
 
@@ -194,7 +255,7 @@ def test_config_is_a_checkpoint_manager_config_that_builds_the_stager_manager() 
 
 
 def test_stager_config_per_mode_and_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stager.envs import LeasePolicy
+    from stager.envs import LeasePolicy, Mode
     from stager.integrations.torchtitan import StagerCheckpointManager
 
     pinned = StagerCheckpointManager.Config(async_mode=PINNED).stager_config()
@@ -211,6 +272,9 @@ def test_stager_config_per_mode_and_precedence(monkeypatch: pytest.MonkeyPatch) 
     ).stager_config()
     assert (fields.profile, fields.max_arenas, fields.lease_policy, fields.nvtx) == ("low_memory", 1, LeasePolicy.ALLOCATE, True)
     assert tuple(fields.profile_checkpoints) == (2, 3)
+    assert from_env.checksum is Mode.AUTO
+    monkeypatch.setenv("STAGER_CHECKSUM", "off")
+    assert StagerCheckpointManager.Config(async_mode=ASYNC, stager_checksum="on").stager_config().checksum is Mode.ON
 
 
 @pytest.mark.parametrize(
@@ -220,6 +284,7 @@ def test_stager_config_per_mode_and_precedence(monkeypatch: pytest.MonkeyPatch) 
         pytest.param("stager_profile", "fast", ["checkpoint.stager_profile", "low_memory"], id="profile"),
         pytest.param("stager_lease_policy", "block", ["checkpoint.stager_lease_policy", "wait or allocate"], id="lease"),
         pytest.param("stager_profile_checkpoints", "3-2", ["checkpoint.stager_profile_checkpoints"], id="window"),
+        pytest.param("stager_checksum", "yes", ["checkpoint.stager_checksum", "auto, on or off"], id="checksum"),
     ],
 )
 def test_a_bad_stager_field_fails_when_the_config_is_built(field: str, value: Any, words: list[str]) -> None:
@@ -246,4 +311,7 @@ def test_disabled_manager_has_no_stager() -> None:
 
 
 if __name__ == "__main__":
-    child(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "checksums":
+        checksum_child(sys.argv[2])
+    else:
+        child(sys.argv[1], sys.argv[2])

@@ -25,6 +25,15 @@ What changes against the stock manager, per ``async_mode``:
 * ``"disabled"``, the last step's save and Hugging Face exports stay torchtitan's synchronous
   ``dcp.save``.
 
+Every DCP checkpoint it writes (Hugging Face exports aside) goes through
+:class:`~stager.integrity.ChecksumWriter`, as ``stager.wrap``'s do: with checksums on
+(``stager_checksum="on"`` or ``STAGER_CHECKSUM=on``) each rank writes a sidecar with every saved
+tensor's checksum, which ``stager.load_checkpoint`` and ``python -m stager verify`` check. The
+thread writer reuses the checksums taken when the copy was staged; the process writer
+(``"async_with_pinned_mem"``) and the synchronous saves hash the tensors where they write them.
+With checksums off or ``auto`` a sidecar is written only when the staged copy carries checksums,
+as in ``wrap``.
+
 The stager is closed with the manager (``close()``).
 """
 
@@ -38,8 +47,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 try:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
     from torchtitan.components.checkpointer.dcp import AsyncMode, CheckpointManager
+    from torchtitan.tools.utils import GarbageCollection
 except ImportError as exc:  # pragma: no cover - exercised only without torchtitan
     raise ImportError(
         f"stager.integrations.torchtitan needs torchtitan ({exc}); it is tested with torchtitan 0.3.0, "
@@ -48,8 +58,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without torchtit
     ) from exc
 
 from stager.config import StagerConfig, available_profiles
-from stager.envs import KNOBS_BY_FIELD
+from stager.envs import KNOBS_BY_FIELD, Mode
 from stager.errors import StagerConfigError
+from stager.integrity_writer import ChecksumWriter
 from stager.stager import GraphStager
 
 __all__ = ["StagerCheckpointManager"]
@@ -92,6 +103,9 @@ class StagerCheckpointManager(CheckpointManager):
         stager_profile_checkpoints: str | None = None
         """Checkpoints bracketed for ``nsys --capture-range=cudaProfilerApi``, e.g. ``"2"`` or ``"2-3"``."""
 
+        stager_checksum: Literal["auto", "on", "off"] | None = None
+        """Checksums of the staged copy and of every saved tensor (``STAGER_CHECKSUM`` when unset)."""
+
         def __post_init__(self) -> None:
             CheckpointManager.Config.__post_init__(self)
             self.stager_config()  # a bad stager_* value fails here, when the config is built
@@ -114,6 +128,7 @@ class StagerCheckpointManager(CheckpointManager):
                 "lease_policy": self.stager_lease_policy,
                 "nvtx": self.stager_nvtx,
                 "profile_checkpoints": self.stager_profile_checkpoints,
+                "checksum": self.stager_checksum,
             }
             overrides: dict[str, Any] = {}
             for name, value in fields.items():
@@ -135,10 +150,13 @@ class StagerCheckpointManager(CheckpointManager):
     def __init__(self, config: Config, **kwargs: Any) -> None:
         self.stager = None
         super().__init__(config, **kwargs)
+        stager_config = config.stager_config()
+        # A writer in another process, or a synchronous save, has no staged checksums to reuse.
+        self._hash_on_write = stager_config.checksum is Mode.ON
         if not self.enable or self.async_mode == AsyncMode.DISABLED:
             return
         # Preset, so the pinned mode's lazy ``DefaultStager`` is never built.
-        self.stager = GraphStager(config.stager_config())
+        self.stager = GraphStager(stager_config)
 
     def dcp_save(
         self,
@@ -148,24 +166,38 @@ class StagerCheckpointManager(CheckpointManager):
         enable_garbage_collection: bool = False,
         to_hf: bool = False,
     ) -> Any:
-        """torchtitan's ``dcp_save``; in ``"async"`` mode it stages through the ``GraphStager``.
+        """torchtitan's ``dcp_save``, writing through a :class:`~stager.integrity.ChecksumWriter`.
 
-        ``"async_with_pinned_mem"`` already hands ``self.stager`` to ``dcp.async_save`` (process
-        writer). In ``"async"`` mode this calls ``dcp.async_save(..., async_stager=self.stager)``
-        (thread writer), keeps the staging future for :meth:`maybe_wait_for_staging` and returns
-        the upload future, as torchtitan expects of that mode.
+        ``"async_with_pinned_mem"`` hands ``self.stager`` to ``dcp.async_save`` with a process
+        writer, as torchtitan does. In ``"async"`` mode this calls ``dcp.async_save(...,
+        async_stager=self.stager)`` (thread writer), keeps the staging future for
+        :meth:`maybe_wait_for_staging` and returns the upload future, as torchtitan expects of
+        that mode. ``"disabled"`` is torchtitan's ``dcp.save``. Hugging Face exports
+        (``to_hf``) are torchtitan's own, without checksums.
         """
-        if async_mode != AsyncMode.ASYNC or to_hf or self.stager is None:
+        if to_hf or (async_mode != AsyncMode.DISABLED and self.stager is None):
             return super().dcp_save(
                 state_dict, checkpoint_id, async_mode,
                 enable_garbage_collection=enable_garbage_collection, to_hf=to_hf,
             )
-        result = dcp.async_save(
-            state_dict, checkpoint_id=checkpoint_id, process_group=self.pg, async_stager=self.stager,
-        )
-        if isinstance(result, AsyncSaveResponse):
-            self.staging_future = result.staging_completion
-            return result.upload_completion
+        writer = ChecksumWriter(checkpoint_id, checksum=True if self._hash_on_write else None)
+        if async_mode == AsyncMode.ASYNC:
+            result = dcp.async_save(
+                state_dict, storage_writer=writer, checkpoint_id=checkpoint_id, process_group=self.pg,
+                async_stager=self.stager,
+            )
+            if isinstance(result, AsyncSaveResponse):
+                self.staging_future = result.staging_completion
+                result = result.upload_completion
+        elif async_mode == AsyncMode.ASYNC_WITH_PINNED_MEM:
+            result = dcp.async_save(
+                state_dict, storage_writer=writer, checkpoint_id=checkpoint_id, process_group=self.pg,
+                async_checkpointer_type=AsyncCheckpointerType.PROCESS, async_stager=self.stager,
+            )
+        else:
+            result = dcp.save(state_dict, storage_writer=writer, checkpoint_id=checkpoint_id)
+        if enable_garbage_collection:
+            GarbageCollection.collect("GC collection invoked by checkpointer.")
         return result
 
     def _maybe_wait_for_staging(self) -> None:
