@@ -17,6 +17,13 @@ For each ``stage()`` that has regions on its device, a copier (on the staging th
    every tensor the queued copies touch (sources, chunks, graphs, arena) until it is waited on.
    A replay costs one launch per piece and one event record, whatever the number of ops.
 
+With ``STAGER_CHECKSUM=on`` the program is a checksum program (``build_program(...,
+checksum=True)``): the same launches, or the same graph, also compute every region's checksum on
+the device into a buffer of the bindings and copy them to a small host buffer before ``done``. The
+copier adds that buffer to the :class:`PendingCopy` (:meth:`PendingCopy.add_checksums`); once the
+copy is complete, :func:`device_checksums` gives the pipeline the values to store (see
+:func:`stager.integrity.checksum_staged_set`). ``auto`` does not turn this on.
+
 The decision packed / direct and the chunk size is taken in one place,
 :meth:`DeviceCopier._decide_packing` (the headroom module plugs in there).
 """
@@ -28,7 +35,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -43,7 +50,7 @@ if TYPE_CHECKING:
     from stager.plan import Plan
     from stager.stats import StageStats
 
-__all__ = ["CHUNK_SLOTS", "DeviceCopier", "PendingCopy", "combine_executor", "use_triton"]
+__all__ = ["CHUNK_SLOTS", "DeviceCopier", "PendingCopy", "combine_executor", "device_checksums", "use_triton"]
 
 log = logging.getLogger("stager")
 
@@ -78,6 +85,7 @@ class PendingCopy:
         self.t0 = time.perf_counter()
         self._events: list[Any] = []
         self._keep: list[Any] = []
+        self._checksums: list[tuple["StagedSet", torch.Tensor, tuple[int, ...]]] = []
 
     @property
     def events(self) -> tuple[Any, ...]:
@@ -90,6 +98,18 @@ class PendingCopy:
         self._events.append(event)
         self._keep.append(keep)
 
+    def add_checksums(self, staged_set: "StagedSet", values: torch.Tensor, regions: Sequence[int]) -> None:
+        """Add checksums a device program computes: once the copies completed, ``values[k]`` (a
+        host ``int64`` buffer the program fills) is the checksum of region ``regions[k]`` of
+        ``staged_set``."""
+        self._checksums.append((staged_set, values, tuple(regions)))
+
+    @property
+    def checksums(self) -> tuple[tuple["StagedSet", torch.Tensor, tuple[int, ...]], ...]:
+        """``(staged set, host values, region indices)`` per device program that computes
+        checksums; read the values only once :meth:`wait` returned."""
+        return tuple(self._checksums)
+
     def query(self) -> bool:
         """Whether every copy has completed (never blocks)."""
         return all(e.query() for e in self._events)
@@ -99,6 +119,24 @@ class PendingCopy:
         for e in self._events:
             e.synchronize()
         self._keep.clear()
+
+
+def device_checksums(
+    pending: PendingCopy | None, staged_set: "StagedSet"
+) -> tuple[list[int], torch.Tensor] | None:
+    """``(region indices, int64 checksums)`` the device programs of ``pending`` computed for
+    ``staged_set``, or None when none did. Call it once ``pending.wait()`` returned (the values
+    are read from the host buffers the programs filled); pass the result to
+    :func:`stager.integrity.checksum_staged_set` as ``known``, which hashes the other regions
+    (CPU sources) on the host."""
+    if pending is None:
+        return None
+    entries = [(values, regions) for s, values, regions in pending.checksums if s is staged_set]
+    if not entries:
+        return None
+    regions = [i for _, r in entries for i in r]
+    values = torch.cat([v.reshape(-1)[: len(r)] for v, r in entries]).clone()
+    return regions, values
 
 
 @dataclass(eq=False)
@@ -212,6 +250,7 @@ class DeviceCopier:
             chunk_size=chunk_size or cfg.chunk_size,
             slots=CHUNK_SLOTS,
             pack=pack,
+            checksum=cfg.checksum is Mode.ON,  # auto: not until measured on a GPU
         )
 
     def _program_for(self, plan: "Plan", stats: "StageStats") -> Program:
@@ -276,7 +315,19 @@ class DeviceCopier:
             return False
         return True
 
+    def _allocate_checksums(self, n: int, pinned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A checksum program's buffers: ``n`` int64 slots on the device, and as many on the host
+        (pinned when the arena is, so that the copy into it can be captured)."""
+        pin = pinned and self.device.type == "cuda"
+        return (
+            torch.empty(n, dtype=torch.int64, device=self.device),
+            torch.empty(n, dtype=torch.int64, pin_memory=pin),
+        )
+
     def _bind(self, plan: "Plan", program: Program, staged_set: "StagedSet") -> Bindings:
+        sums: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if program.checksum:  # once per binding, before any capture; on the side stream
+            sums = self._allocate_checksums(len(program.checksum_regions), staged_set.arena.pinned)
         return bind_program(
             program,
             plan.src_views,
@@ -284,6 +335,8 @@ class DeviceCopier:
             self._chunks,
             use_triton=use_triton(self.config.triton),
             non_blocking=staged_set.arena.pinned,
+            checksums=sums[0],
+            host_checksums=sums[1],
         )
 
     def prepare(self, plan: "Plan", staged_set: "StagedSet", stats: "StageStats") -> None:
@@ -365,6 +418,8 @@ class DeviceCopier:
                     pending.add(done, (bindings, plan.src_views, self._chunks))
                 raise
         pending.add(done, keep)
+        if bindings.host_checksums is not None:
+            pending.add_checksums(staged_set, bindings.host_checksums, program.checksum_regions)
         stats.executor = combine_executor(stats.executor, executor)
         stats.device_path = "packed" if self.path == "packed" or stats.device_path == "packed" else "direct"
         return pending

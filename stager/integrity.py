@@ -10,8 +10,9 @@ Staged copies (in-memory restore, replicas)
     :class:`~stager.arena.StagedSet` with one vectorised pass over its arena (numpy, a few cached
     lanes at a time) and stores them on the set (``staged_set.checksums``: ``int64``, one per
     region; ``staged_set.checksum_s``: the seconds it took). The staging pipeline calls it after
-    the copy is complete (CPU sources) or stores the values its device kernels computed with
-    :func:`store_checksums`. Either registers the set, so that code that only holds a staged
+    the copy is complete (``STAGER_CHECKSUM=on``), passing as ``known`` the values the device
+    staging programs computed in their kernels, so that only regions with CPU sources are hashed
+    here; :func:`store_checksums` stores values computed elsewhere. Either registers the set, so that code that only holds a staged
     tensor finds its region's checksum: :func:`region_of` (by the tensor's storage, which is the
     region's own storage: a handed-out tensor, a view of it, a replica's tensor). The values stay
     valid until the set is staged into again, which the lease rules forbid while anything holds
@@ -275,7 +276,12 @@ def clear_checksums(staged_set: "StagedSet") -> None:
     staged_set.checksum_s = 0.0  # type: ignore[attr-defined]
 
 
-def checksum_staged_set(staged_set: "StagedSet", stats: "StageStats | None" = None) -> None:
+def checksum_staged_set(
+    staged_set: "StagedSet",
+    stats: "StageStats | None" = None,
+    *,
+    known: tuple[Sequence[int], torch.Tensor] | None = None,
+) -> None:
     """Compute and store the checksum of every region of ``staged_set`` (the staging hook).
 
     Call it on the staging (or writer) thread once every copy into the set is complete and
@@ -283,9 +289,21 @@ def checksum_staged_set(staged_set: "StagedSet", stats: "StageStats | None" = No
     writer). One vectorised pass over the regions' bytes in the arena, on the calling thread;
     stores ``staged_set.checksums`` (``int64``, one per region), ``staged_set.checksum_s`` and,
     with ``stats``, adds the time to ``stats.checksum_s``.
+
+    ``known``: ``(region indices, int64 checksums)`` computed elsewhere for those regions (by the
+    device staging programs, :func:`stager.device.device_checksums`); they are stored as given
+    and only the other regions (CPU sources) are hashed here.
     """
     t0 = time.perf_counter()
-    values = _set_checksums(staged_set)
+    if known is None:
+        values = _set_checksums(staged_set)
+    else:
+        idx = np.asarray(list(known[0]), dtype=np.int64)
+        have = np.zeros(len(staged_set.plan.regions), dtype=bool)
+        have[idx] = True
+        rest = np.flatnonzero(~have)
+        values = _set_checksums(staged_set, rest) if rest.size else np.zeros(have.size, dtype=np.uint64)
+        values[idx] = torch.as_tensor(known[1], dtype=torch.int64).reshape(-1).numpy().view(np.uint64)
     seconds = time.perf_counter() - t0
     store_checksums(staged_set, torch.from_numpy(values.view(np.int64)), seconds=seconds)
     if stats is not None:

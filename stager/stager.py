@@ -46,7 +46,7 @@ import torch
 from stager import nvtx
 from stager.arena import HostArena, StagedSet
 from stager.config import StagerConfig
-from stager.device import DeviceCopier, PendingCopy
+from stager.device import DeviceCopier, PendingCopy, device_checksums
 from stager.envs import CachePolicy, LeasePolicy, Mode
 from stager.errors import (
     LeaseTimeoutError,
@@ -434,7 +434,9 @@ class GraphStager:
                 if pending is None or not leave_in_flight:
                     stats.copy_s = copied - t1
                     if self.config.checksum is Mode.ON:
-                        checksum_staged_set(staged_set, stats)  # the copy is complete: hash it
+                        # The copy is complete: device regions take the values their programs
+                        # computed on the device; the rest (CPU sources) are hashed here.
+                        checksum_staged_set(staged_set, stats, known=device_checksums(pending, staged_set))
                     else:
                         clear_checksums(staged_set)
                 else:
