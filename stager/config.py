@@ -130,8 +130,9 @@ class StagerConfig:
     triton: Mode = Mode.AUTO
     """Triton pack kernel for small regions (``STAGER_TRITON``)."""
     checksum: Mode = Mode.AUTO
-    """Region and saved-tensor checksums: on, auto (where the GPU path computes them in its
-    kernels) or off (``STAGER_CHECKSUM``); see :mod:`stager.integrity`."""
+    """Region and saved-tensor checksums (``STAGER_CHECKSUM``): on (GPU sources hashed by the
+    staging program's kernels, CPU sources by a pass after the copy), auto (none anywhere, until
+    the GPU path is measured on a GPU) or off; see :mod:`stager.integrity`."""
     nvtx: bool = False
     """Profiler ranges for torch.profiler and nsys (``STAGER_NVTX``)."""
     profile_checkpoints: CheckpointSet = CheckpointSet()

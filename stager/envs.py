@@ -225,9 +225,10 @@ KNOBS: tuple[Knob, ...] = (
     Knob("triton", "STAGER_TRITON", Mode.AUTO, "auto, on or off",
          "Pack small regions with the Triton kernel (auto: when Triton and CUDA are available).", _enum_parser(Mode)),
     Knob("checksum", "STAGER_CHECKSUM", Mode.AUTO, "auto, on or off",
-         "Checksum every staged region and saved tensor (stager-lanes64): on everywhere (a CPU pass "
-         "after the copy for CPU sources); auto only where the GPU pipeline computes them in its "
-         "kernels; off never. Stored checksums are always verified.", _enum_parser(Mode)),
+         "Checksum every staged region and saved tensor (stager-lanes64): on everywhere (GPU "
+         "sources in the staging program's kernels, inside its CUDA graph; a CPU pass after the "
+         "copy for CPU sources); auto takes none anywhere until the GPU path is measured; off "
+         "never. Stored checksums are always verified.", _enum_parser(Mode)),
     Knob("nvtx", "STAGER_NVTX", False, "0 or 1",
          "Emit profiler ranges (stager/plan, stager/replay, ...) for torch.profiler and nsys.", _parse_bool),
     Knob("profile_checkpoints", "STAGER_PROFILE_CHECKPOINTS", CheckpointSet(),
