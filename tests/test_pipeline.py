@@ -80,6 +80,28 @@ def test_a_storage_reallocated_smaller_at_the_same_address_is_not_read_past_its_
         pytest.skip("the allocator never handed the freed address back: the case did not arise")
 
 
+def test_the_plan_check_compares_each_source_storage_s_size_as_well_as_its_address() -> None:
+    # The same check, without depending on the allocator: the plan's storage is swapped for a
+    # storage at the same address with fewer bytes, which is what a shrunk re-allocation looks
+    # like to the check.
+    import numpy as np
+
+    from stager.plan import build_plan, walk
+
+    buf = np.zeros(4096, dtype=np.float32)
+    sd = {"t": torch.from_numpy(buf)}
+    tokens: list = []
+    tensors: list = []
+    paths: list = []
+    walk(sd, tokens, tensors, [], paths)
+    plan = build_plan(tokens, tensors, paths, alignment=256)
+    assert plan.matches(tokens, tensors)
+    shorter = torch.from_numpy(buf[:100]).untyped_storage()
+    assert shorter.data_ptr() == plan.src_storages[0].data_ptr()
+    plan.src_storages[0] = shorter
+    assert not plan.matches(tokens, tensors)
+
+
 @pytest.mark.parametrize(
     "change",
     ["replaced", "resized", "retyped", "moved", "transposed", "neg-view"],
