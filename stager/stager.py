@@ -672,16 +672,7 @@ class GraphStager:
                         stats.host_decision = HostDecision.REUSE.value
                         return s
             host = read_host(reserve_bytes=cfg.host_reserve, shared_memory=cfg.shared_memory)
-            decision = decide_host(
-                plan.arena_bytes,
-                cached_arena_free=False,
-                cached_arenas=self._cached_sets(),
-                max_cached_arenas=cfg.max_arenas,
-                host=host,
-                cache_policy=cfg.cache_policy,
-                lease_policy=cfg.lease_policy,
-                fresh_leased=self._fresh_alive,
-            )
+            decision = self._decide(plan, host, cfg.cache_policy, cfg.lease_policy)
             if decision is not self._last_decision:
                 log.info("stager: host arena decision %s (%s)", decision.value, host.source)
                 self._last_decision = decision
@@ -704,7 +695,7 @@ class GraphStager:
                 inspected = True
                 holders = traceback_holders(self._leased_ranges())
                 if holders:
-                    s = self._instead_of_waiting(plan, host, slot, stats, holders)
+                    s = self._instead_of_waiting(plan, host, stats, holders)
                     if s is not None:
                         return s
                     raise LeaseTimeoutError(
@@ -733,21 +724,24 @@ class GraphStager:
             if s.leased()
         ]
 
-    def _instead_of_waiting(
-        self, plan: Plan, host: Any, slot: _PlanSlot, stats: StageStats, holders: list[str]
-    ) -> StagedSet | None:
-        """The arena waited for is held by a failed write: take a fresh one if the host has room."""
-        cfg = self.config
-        decision = decide_host(
+    def _decide(self, plan: Plan, host: Any, cache_policy: CachePolicy, lease_policy: LeasePolicy) -> HostDecision:
+        """:func:`stager.headroom.decide_host` for ``plan`` with the arenas held now."""
+        return decide_host(
             plan.arena_bytes,
             cached_arena_free=False,
             cached_arenas=self._cached_sets(),
-            max_cached_arenas=cfg.max_arenas,
+            max_cached_arenas=self.config.max_arenas,
             host=host,
-            cache_policy=CachePolicy.AUTO,
-            lease_policy=LeasePolicy.ALLOCATE,
+            cache_policy=cache_policy,
+            lease_policy=lease_policy,
             fresh_leased=self._fresh_alive,
         )
+
+    def _instead_of_waiting(
+        self, plan: Plan, host: Any, stats: StageStats, holders: list[str]
+    ) -> StagedSet | None:
+        """The arena waited for is held by a failed write: take a fresh one if the host has room."""
+        decision = self._decide(plan, host, CachePolicy.AUTO, LeasePolicy.ALLOCATE)
         if decision not in (HostDecision.FRESH, HostDecision.NEW_CACHED):
             return None
         log.warning(
