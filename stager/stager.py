@@ -450,8 +450,11 @@ class GraphStager:
                 # even once its dict was dropped (a new plan must not take its arena meanwhile).
                 staged_set.pending = pending
                 staged_set.done()
-            if versions is not None:
-                self._check_versions(plan, tensors, versions, check_versions or "")
+            if versions is not None and list(map(_VERSION, tensors)) != versions:
+                # Not handed out; and not kept alive by this frame in the error's traceback,
+                # which would hold the arena for as long as anyone holds the error.
+                del staged
+                self._raise_modified(plan, tensors, versions, check_versions or "")
             stats.nbytes = plan.nbytes
             stats.tensors = len(plan.leaves)
             stats.regions = len(plan.regions)
@@ -460,10 +463,8 @@ class GraphStager:
             return staged, pending
 
     @staticmethod
-    def _check_versions(plan: Plan, tensors: list[torch.Tensor], versions: list[int], hint: str) -> None:
+    def _raise_modified(plan: Plan, tensors: list[torch.Tensor], versions: list[int], hint: str) -> None:
         now = list(map(_VERSION, tensors))
-        if now == versions:
-            return
         i = next(i for i, (a, b) in enumerate(zip(versions, now)) if a != b)
         raise SourceModifiedError(
             f"state_dict{plan.leaves[i].path} was written while it was being staged (its version "

@@ -188,10 +188,15 @@ def test_a_source_written_during_an_async_copy_fails_that_checkpoint(monkeypatch
             real(plan, staged_set)
 
         monkeypatch.setattr(stager, "_copy_cpu", copy_while_training_writes)
+        failed = stager.stage(sd)
         with pytest.raises(SourceModifiedError, match=r"state_dict\['t3'\] was written while.*synchronize_staging"):
-            stager.stage(sd).result(timeout=30)
+            failed.result(timeout=30)
         monkeypatch.setattr(stager, "_copy_cpu", real)
-        _assert_same(sd, stager.stage(sd).result(timeout=30))  # the next checkpoint is fine
+        # The next checkpoint is fine, and reuses the arena: the failed Future (still held here)
+        # does not keep the copy it refused alive.
+        _assert_same(sd, stager.stage(sd).result(timeout=30))
+        assert stager.last_stats.arena == "cached" and len(stager._sets) == 1
+        del failed
 
 
 def test_sync_stage_returns_the_copy_and_records_every_figure() -> None:
