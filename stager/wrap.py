@@ -538,27 +538,32 @@ class WrapHandle:
             handoff = staged
         self._last_staged = staged
         ticket.staged.set()  # the live tensors may change now (after the device fence)
-        del staged, pending
+        del pending
+        # One write at a time to a path: the newest checkpoint to it is registered now, before
+        # its write starts, so the next one to the same path waits for this one, in order.
         with self._lock:
             previous = self._uploads.get(ticket.path)
+            self._uploads[ticket.path] = ticket.result
         if previous is not None and not previous.done():
             if self._deferred is None:
                 self._deferred = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-deferred-write")
-            self._deferred.submit(self._save_after, previous, ticket, record, handoff)
+            self._deferred.submit(self._save_after, previous, ticket, record, staged, handoff)
         else:
-            self._save(ticket, record, handoff)
+            self._save(ticket, record, staged, handoff)
 
-    def _save_after(self, previous: Future, ticket: "_Ticket", record: CheckpointRecord, handoff: Any) -> None:
-        wait_futures([previous])  # one write at a time to a path: never two writers on one file
-        self._save(ticket, record, handoff)
+    def _save_after(
+        self, previous: Future, ticket: "_Ticket", record: CheckpointRecord, staged: Any, handoff: Any
+    ) -> None:
+        wait_futures([previous])  # never two writers on one file
+        self._save(ticket, record, staged, handoff)
 
-    def _save(self, ticket: "_Ticket", record: CheckpointRecord, handoff: Any) -> None:
+    def _save(self, ticket: "_Ticket", record: CheckpointRecord, staged: Any, handoff: Any) -> None:
+        """``dcp.async_save`` of ``staged`` (its bytes are final once ``handoff`` resolves)."""
         import torch.distributed.checkpoint as dcp
 
-        staged = handoff.result() if isinstance(handoff, Future) and handoff.done() else None
         try:
             response = dcp.async_save(
-                staged if staged is not None else self._last_staged,
+                staged,
                 storage_writer=_writer(ticket.path, self._nvtx),
                 async_stager=_Handoff(handoff),
                 no_dist=self._no_dist,
@@ -571,8 +576,6 @@ class WrapHandle:
         upload: Future = getattr(response, "upload_completion", response)
         del handoff, response, staged
         submitted = time.perf_counter()
-        with self._lock:
-            self._uploads[ticket.path] = upload
         upload.add_done_callback(lambda f: self._write_done(f, record, submitted, ticket))
 
     def _failed(self, ticket: "_Ticket", record: CheckpointRecord, exc: BaseException, phase: str) -> None:
@@ -580,6 +583,8 @@ class WrapHandle:
         record.error = exc
         with self._lock:
             self._errors.append((ticket.path, exc, phase))
+            if self._uploads.get(ticket.path) is ticket.result:
+                del self._uploads[ticket.path]
         log.error("stager: %s checkpoint %s failed: %s: %s", phase, ticket.path, type(exc).__name__, exc)
         _settle(ticket.result, exc)
 
@@ -717,7 +722,7 @@ class WrapHandle:
         if exc is not None:
             _drop_frames(exc)  # they hold the staged dict: its host arena would never be released
         with self._lock:
-            if self._uploads.get(ticket.path) is fut:
+            if self._uploads.get(ticket.path) is ticket.result:
                 del self._uploads[ticket.path]
             if exc is not None:
                 record.error = exc

@@ -1,44 +1,51 @@
-"""wrap: two checkpoints to one path never write at once; training never waits for the writes."""
+"""wrap: checkpoints to one path are written one after the other, in order, and training never
+waits for the writes."""
 
 from __future__ import annotations
 
+import importlib
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import stager
 from test_wrap import _SlowWriter, assert_state_equal, load_fresh, make, snapshot, train
 
 
 def test_checkpoints_to_one_path_are_written_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Before: both writes ran at once into one directory; 2 of 12 trials left nothing loadable.
-    wrap_module = __import__("importlib").import_module("stager.wrap")
+    # Before: writes ran at once into one directory (2 of 12 trials left nothing loadable), and a
+    # write held back behind another one could be handed another checkpoint's dict.
+    wrap_module = importlib.import_module("stager.wrap")
     slow = _SlowWriter(monkeypatch)
-    active: list[str] = []
+    started: list[int] = []
     lock = threading.Lock()
     real_save = wrap_module.WrapHandle._save
 
-    def counting_save(self: Any, ticket: Any, record: Any, handoff: Any) -> None:
+    def counting_save(self: Any, ticket: Any, record: Any, staged: Any, handoff: Any) -> None:
         with lock:
-            active.append(ticket.path)
-        real_save(self, ticket, record, handoff)
+            started.append(int(staged["model"]["pos"].flatten()[0].item()))
+        real_save(self, ticket, record, staged, handoff)
 
     monkeypatch.setattr(wrap_module.WrapHandle, "_save", counting_save)
     model, opt = make()
     path = tmp_path / "latest"
+    futures = []
     with stager.wrap(model, opt) as handle:
         train(model, opt, range(1))
-        first = handle.checkpoint(path)
-        train(model, opt, range(1, 2))  # the step waits for the copy, not for the write
+        for i in range(4):
+            handle.fence()  # a write outside optimizer.step(): wait for the previous copy first
+            with torch.no_grad():
+                model.pos.fill_(float(i))
+            futures.append(handle.checkpoint(path))
         expected = snapshot(model, opt)
-        second = handle.checkpoint(path)
         handle.fence()
-        assert not first.done() and not second.done()
-        assert active == [str(path)]  # the second write has not started: the first one is running
+        assert not any(f.done() for f in futures)
+        assert started == [0]  # the later writes wait for the first one, which is held
         slow.release.set()
-        first.result(timeout=60)
-        second.result(timeout=60)
-    assert active == [str(path), str(path)]
-    assert_state_equal(load_fresh(path), expected)
+        for f in futures:
+            f.result(timeout=60)  # every write succeeds
+    assert started == [0, 1, 2, 3]  # one at a time, in order, each with its own copy
+    assert_state_equal(load_fresh(path), expected)  # the file holds the last checkpoint
