@@ -543,7 +543,7 @@ class StagedSet:
                 torch.frombuffer(arena.array, dtype=torch.uint8, count=r.nbytes, offset=r.arena_offset)
             )
         self.cpu_dst = [self.bases[i] for i in plan.cpu_index]
-        self._cpu_parts: dict[int, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
+        self._cpu_parts: dict[int, list[tuple[int, int, list[torch.Tensor]]]] = {}
         storages = [b.untyped_storage() for b in self.bases]
         self.tensors: list[torch.Tensor] = [_make_leaf(leaf, storages) for leaf in plan.leaves]
         self._storages = storages
@@ -555,15 +555,20 @@ class StagedSet:
         return list(map(torch.Tensor.detach, self.tensors))
 
     def cpu_parts(self, parts: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """The CPU regions' ``(destinations, sources)`` split into ``parts`` consecutive slices."""
+        """The CPU regions' ``(destinations, sources)`` split into ``parts`` consecutive slices.
+
+        The destinations' slices are made once; the sources are sliced from the plan's current
+        ``cpu_src`` on every call (a plan that is demoted and adopted again gets new source views,
+        and a cache of the old ones would keep the old storages alive and copy from them).
+        """
         cached = self._cpu_parts.get(parts)
         if cached is None:
             n = len(self.cpu_dst)
             bounds = [n * i // parts for i in range(parts + 1)]
-            src = self.plan.cpu_src
-            cached = [(self.cpu_dst[a:b], src[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+            cached = [(a, b, self.cpu_dst[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
             self._cpu_parts[parts] = cached
-        return cached
+        src = self.plan.cpu_src
+        return [(dst, src[a:b]) for a, b, dst in cached]
 
     def _counts(self) -> tuple[list[int], list[int]]:
         # Python references to the (unique) Python storage objects, and C++ uses of the storages:

@@ -552,7 +552,19 @@ def _new_mapping(template: dict, items: Iterator[tuple[Any, Any]], memo: dict[in
     attrs = getattr(template, "__dict__", None)
     if attrs:
         vars(out).update(copy.deepcopy(attrs, memo))
+    for name in _slot_names(cls):
+        if hasattr(template, name):
+            object.__setattr__(out, name, copy.deepcopy(getattr(template, name), memo))
     return out
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    """The ``__slots__`` attributes a dict subclass declares (itself and its bases)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 def _check_mapping(obj: dict, path: str) -> None:

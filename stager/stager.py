@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import torch
 
 from stager import nvtx
-from stager.arena import HostArena, StagedSet
+from stager.arena import HostArena, StagedSet, find_segment
 from stager.config import StagerConfig
 from stager.device import DeviceCopier, PendingCopy, device_checksums
 from stager.envs import CachePolicy, LeasePolicy, Mode
@@ -72,6 +72,14 @@ _ASYNC_HINT = (
     "Wait for staging to complete before the next optimizer step: "
     "response.staging_completion.result() or stager.synchronize_staging()"
 )
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """Every tensor's version counter (``None`` for an inference tensor, which has none)."""
+    try:
+        return list(map(_VERSION, tensors))
+    except RuntimeError:  # an inference tensor: no counter, so no write to it can be seen
+        return [None if t.is_inference() else t._version for t in tensors]
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,7 @@ class GraphStager:
         self._idle = threading.Condition(threading.Lock())
         self._active = 0  # entry-point calls running now (close() waits for them)
         self._executor: ThreadPoolExecutor | None = None
+        self._staging_ident: int | None = None  # the staging thread, once it has run a stage
         self._copy_pool: ThreadPoolExecutor | None = None
         self._future: Future | None = None
 
@@ -217,6 +226,7 @@ class GraphStager:
         self, state_dict: Any, stats: StageStats, t0: float, marks: dict | None, result: Future
     ) -> None:
         wanted = result.set_running_or_notify_cancel()  # False: cancelled, still finish and release
+        self._staging_ident = threading.get_ident()
         try:
             with self._profiled():
                 staged, _ = self._pipeline(state_dict, stats, t0, marks, check_versions=_ASYNC_HINT)
@@ -259,10 +269,17 @@ class GraphStager:
         return self._caller_marks()
 
     def synchronize_staging(self) -> None:
-        """Wait until the last asynchronous ``stage()`` is complete (no-op when synchronous)."""
+        """Wait until the last asynchronous ``stage()`` is complete (no-op when synchronous).
+
+        From the staging thread itself (a done-callback of a staging ``Future``) there is nothing
+        to wait for: the stage that resolved that ``Future`` is complete.
+        """
         future = self._future
-        if future is not None:
+        if future is not None and not self._on_staging_thread():
             future.result()
+
+    def _on_staging_thread(self) -> bool:
+        return threading.get_ident() == self._staging_ident
 
     def close(self) -> None:
         """Wait for staging in flight, then drop the plans, their source references and arenas.
@@ -277,7 +294,9 @@ class GraphStager:
             while self._active:  # a stage() on another thread: let it finish with its plan
                 self._idle.wait()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            # From a done-callback on the staging thread, that thread cannot wait for itself:
+            # its queued stages still run; the clean-up below waits for the current one's lock.
+            self._executor.shutdown(wait=not self._on_staging_thread())
             self._executor = None
         with self._lock:
             if self._copy_pool is not None:
@@ -362,10 +381,18 @@ class GraphStager:
             staged = staged.result()
         tokens: list[tuple] = []
         tensors: list[torch.Tensor] = []
-        walk(staged, tokens, tensors, [])
+        paths: list[str] = []
+        walk(staged, tokens, tensors, [], paths)
+        for t, path in zip(tensors, paths):
+            st = t.untyped_storage()
+            if st.nbytes() and (t.device.type != "cpu" or find_segment(st.data_ptr(), st.nbytes()) is None):
+                raise ValueError(
+                    f"release(): state_dict{path} is not a staged tensor (its memory is not in a host "
+                    f"arena; device={t.device}); pass what stage() returned, not the source state dict. "
+                    "Nothing was released"
+                )
         for t in tensors:
-            if t.device.type == "cpu":
-                t.set_()
+            t.set_()
 
     def host_bytes(self) -> HostBytes:
         """Host bytes held by this stager's arenas now (total and pinned)."""
@@ -384,7 +411,7 @@ class GraphStager:
     def synchronize_staging_quietly(self) -> None:
         """Wait for the last asynchronous stage, ignoring its outcome (its caller sees it)."""
         future = self._future
-        if future is not None:
+        if future is not None and not self._on_staging_thread():
             with contextlib.suppress(BaseException):
                 future.result()
 
@@ -412,7 +439,7 @@ class GraphStager:
         with self._lock, torch.inference_mode(False):
             slot, tensors, tokens, others = self._find_plan(state_dict, stats)
             plan = slot.plan
-            versions = list(map(_VERSION, tensors)) if check_versions is not None else None
+            versions = _versions(tensors) if check_versions is not None else None
             stats.plan_s = time.perf_counter() - t0
             staged_set = self._acquire(slot, stats)
             pending: PendingCopy | None = None
@@ -450,7 +477,7 @@ class GraphStager:
                 # even once its dict was dropped (a new plan must not take its arena meanwhile).
                 staged_set.pending = pending
                 staged_set.done()
-            if versions is not None and list(map(_VERSION, tensors)) != versions:
+            if versions is not None and _versions(tensors) != versions:
                 # Not handed out; and not kept alive by this frame in the error's traceback,
                 # which would hold the arena for as long as anyone holds the error.
                 del staged
@@ -463,8 +490,8 @@ class GraphStager:
             return staged, pending
 
     @staticmethod
-    def _raise_modified(plan: Plan, tensors: list[torch.Tensor], versions: list[int], hint: str) -> None:
-        now = list(map(_VERSION, tensors))
+    def _raise_modified(plan: Plan, tensors: list[torch.Tensor], versions: list[int | None], hint: str) -> None:
+        now = _versions(tensors)
         i = next(i for i, (a, b) in enumerate(zip(versions, now)) if a != b)
         raise SourceModifiedError(
             f"state_dict{plan.leaves[i].path} was written while it was being staged (its version "

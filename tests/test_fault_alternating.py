@@ -58,3 +58,19 @@ def test_a_demoted_plan_matches_again_only_over_live_storages() -> None:
         a["w"] = torch.randn(256)  # a new tensor, possibly at the old address
         out = stager.stage(a)
         assert torch.equal(out["w"], a["w"])
+
+
+def test_a_demoted_plan_with_many_cpu_regions_lets_its_sources_go() -> None:
+    # Thousands of CPU regions are copied in parts over threads; the parts' source lists were
+    # cached on the staged set and kept a demoted plan's sources alive (and would be read again).
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    a = {f"k{i}": torch.full((64,), float(i)) for i in range(2100)}
+    with GraphStager(max_plans=3) as stager:
+        stager.stage(a)
+        stager.stage(a)  # a replay through the cached parts
+        weak = StorageWeakRef(a["k7"].untyped_storage())
+        stager.stage({"other": torch.ones(3)})  # a's plan is demoted
+        del a
+        gc.collect()
+        assert weak.expired()

@@ -81,3 +81,15 @@ def test_a_dict_subclass_that_cannot_be_rebuilt_is_refused_before_copying() -> N
         with pytest.raises(StagingInputError, match=r"state_dict\['opt'\].*NeedsArgs cannot be rebuilt"):
             stager.stage({"w": torch.ones(1), "opt": bad})
         assert stager.last_stats is None  # nothing was staged
+
+
+class Slotted(dict):
+    __slots__ = ("meta",)
+
+
+def test_slots_of_a_dict_subclass_are_kept() -> None:
+    d = Slotted(w=torch.ones(2))
+    d.meta = {"version": 3}
+    for out in _stage_twice({"d": d}):
+        assert type(out["d"]) is Slotted and out["d"].meta == {"version": 3}
+        assert out["d"].meta is not d.meta and torch.equal(out["d"]["w"], torch.ones(2))

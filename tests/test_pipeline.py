@@ -207,3 +207,48 @@ def test_sync_stage_returns_the_copy_and_records_every_figure() -> None:
     _assert_same(sd, out)
     assert stats.tensors == 10 and stats.nbytes == sum(v.nbytes for v in sd.values())
     assert stats.blocked_s == stats.complete_s > 0 and stats.host_bytes >= stats.nbytes
+
+
+# ------------------------------------------------------------------------------ edges of the async path
+
+
+@pytest.mark.parametrize("call", ["synchronize_staging", "release_sources", "close"])
+def test_a_done_callback_on_the_staging_future_may_call_back_into_the_stager(call: str) -> None:
+    # The callback runs on the staging thread, which used to wait for itself for ever.
+    sd = _dict(5, 7)
+    stager = GraphStager(async_staging=True)
+    called = threading.Event()
+
+    def callback(_: Future) -> None:
+        getattr(stager, call)()
+        called.set()
+
+    def scenario() -> None:
+        fut = stager.stage(sd)
+        fut.add_done_callback(callback)
+        _assert_same(sd, fut.result(timeout=30))
+
+    runner = threading.Thread(target=scenario, daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive() and called.wait(30)
+    stager.close()
+
+
+def test_async_stage_of_inference_tensors_is_correct() -> None:
+    with torch.inference_mode():
+        sd = _dict(4, 8)  # inference tensors: no version counter to compare
+    with GraphStager(async_staging=True) as stager:
+        _assert_same(sd, stager.stage(sd).result(timeout=30))
+
+
+def test_release_refuses_what_the_stager_did_not_stage() -> None:
+    sd = _dict(3, 9)
+    keep = {k: v.clone() for k, v in sd.items()}
+    with GraphStager() as stager:
+        out = stager.stage(sd)
+        with pytest.raises(ValueError, match=r"state_dict\['t0'\] is not a staged tensor.*Nothing was released"):
+            stager.release(sd)
+        _assert_same(keep, sd)  # the sources are untouched
+        stager.release(out)
+        assert all(t.numel() == 0 for t in out.values())
