@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import torch
 from stager import nvtx
 from stager.graphs.eager import issue_ops
 from stager.graphs.program import RECORD, Bindings
+from stager.plan import gc_paused
 
 __all__ = ["GraphState", "Action", "CaptureKey", "CaptureTracker", "CudaGraphExecutor", "capture_key"]
 
@@ -251,9 +251,7 @@ class CudaGraphExecutor:
         # No cyclic garbage collection while capturing: a collection runs finalizers on this
         # thread (a released host arena's cudaHostUnregister, a user object's CUDA call), and in
         # "thread_local" mode any unsafe CUDA call on the capturing thread invalidates the capture.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():  # shared with the other threads' pauses (see stager.plan.gc_paused)
             for r in bindings.program.pieces(self.pieces):
                 if all(steps[i][0] == RECORD for i in r):
                     continue  # nothing to capture (the done marker only)
@@ -267,7 +265,4 @@ class CudaGraphExecutor:
                     raise
                 g.capture_end()
                 graphs.append(g)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         return graphs

@@ -78,13 +78,18 @@ def use_triton(mode: Mode) -> bool | None:
 class PendingCopy:
     """Device copies queued for one ``stage()``: their done events and what they read and write.
 
-    :meth:`wait` blocks until every event completed, then lets go of the references.
+    :meth:`wait` blocks until every event completed, then lets go of the references: into
+    ``graveyard`` when given (a list its owner empties where no CUDA-graph capture can be running:
+    freeing a pinned buffer of PyTorch's caching host allocator records an event on every stream
+    that used it, and an event recorded on the side stream while another thread captures on it
+    becomes part of that capture), else at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, graveyard: list[Any] | None = None) -> None:
         self.t0 = time.perf_counter()
         self._events: list[Any] = []
         self._keep: list[Any] = []
+        self._graveyard = graveyard
         self._checksums: list[tuple["StagedSet", torch.Tensor, tuple[int, ...]]] = []
 
     @property
@@ -118,7 +123,9 @@ class PendingCopy:
         """Block until every copy has completed."""
         for e in self._events:
             e.synchronize()
-        self._keep.clear()
+        keep, self._keep = self._keep, []
+        if self._graveyard is not None and keep:
+            self._graveyard.append(keep)
 
 
 def device_checksums(

@@ -50,6 +50,7 @@ from itertools import chain, islice
 from operator import attrgetter
 import pickle
 import sys
+import threading
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -291,17 +292,32 @@ def gc_paused() -> Iterator[None]:
     off several collections, each of which traverses every tracked object in the process (a
     training process has millions): on a 2-core CPU, 50,000 signatures took 317 ms with the
     collector on and 35 ms with it paused. Pausing only defers collection: any cycle created inside
-    (a deep-copied user object) is collected after the block. The collector is switched back on
-    only if it was on before.
+    (a deep-copied user object) is collected after the block.
+
+    The pause is shared by every thread that asks for it (a staging thread and a capture, a
+    wrap thread and the caller): the collector is switched off by the first and back on by the
+    last, and only if it was on before the first, so one thread's block never switches it back
+    on in the middle of another's (a collection during a CUDA-graph capture can run a finalizer
+    whose CUDA call invalidates the capture).
     """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
+    global _gc_depth, _gc_was_enabled
+    with _gc_lock:
+        if _gc_depth == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
     try:
         yield
     finally:
-        gc.enable()
+        with _gc_lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+_gc_lock = threading.Lock()
+_gc_depth = 0
+_gc_was_enabled = False
 
 
 # --------------------------------------------------------------------------------------------

@@ -173,6 +173,7 @@ class GraphStager:
         self._staging_ident: int | None = None  # the staging thread, once it has run a stage
         self._copy_pool: ThreadPoolExecutor | None = None
         self._future: Future | None = None
+        self._graveyard: list[Any] = []  # see PendingCopy: emptied at the start of each stage
 
     def _reset_after_fork(self) -> None:
         self._init_concurrency()
@@ -213,8 +214,9 @@ class GraphStager:
                 return staged
             marks = self._caller_marks()
             result: Future = Future()
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
+            with self._counter_lock:  # two threads' first calls must not make two executors
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
             # The caller's Future is not the one the stager keeps (to wait on in
             # synchronize_staging and close): a Future holding the staged dict would keep its
             # arena leased after the caller dropped it.
@@ -305,6 +307,7 @@ class GraphStager:
             for copier in self._copiers.values():
                 copier.close()
             self._copiers.clear()
+            self._graveyard.clear()
             for slot in self._slots:
                 slot.plan.release_sources()
             self._slots = []
@@ -437,6 +440,8 @@ class GraphStager:
         end of the copy.
         """
         with self._lock, torch.inference_mode(False):
+            # What earlier copies used is let go here, where no capture can be running.
+            self._graveyard.clear()
             slot, tensors, tokens, others = self._find_plan(state_dict, stats)
             plan = slot.plan
             versions = _versions(tensors) if check_versions is not None else None
@@ -447,7 +452,7 @@ class GraphStager:
             try:
                 t1 = time.perf_counter()
                 if plan.device_regions:
-                    pending = PendingCopy()
+                    pending = PendingCopy(self._graveyard)
                     self._launch_devices(plan, staged_set, stats, pending, marks)
                 self._copy_cpu(plan, staged_set)
                 copied = time.perf_counter()
@@ -514,6 +519,11 @@ class GraphStager:
             return None
         devices = {d for slot in self._slots for d in slot.plan.device_regions if d.type == "cuda"}
         devices.add(torch.device("cuda", torch.cuda.current_device()))
+        # Every device this process has touched, so that a first stage of a dict on another
+        # device still waits for the caller's stream there (not for the staging thread's).
+        has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+        if has_context is not None:
+            devices.update(torch.device("cuda", i) for i in range(torch.cuda.device_count()) if has_context(i))
         marks = {}
         for d in devices:
             ev = torch.cuda.Event()

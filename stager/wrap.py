@@ -279,20 +279,33 @@ class _LiveState:
         self.state = state
         self.rebuilds += 1
 
-    def current(self) -> dict[str, Any]:
+    def snapshot(self) -> tuple[list[dict[str, Any]], dict[int, Any]]:
+        """The small values that may change right after ``checkpoint()`` returns, read on the
+        caller's thread: each param group's hyperparameters (``lr``: a scheduler steps next) and
+        each known module's ``get_extra_state()`` (by module identity)."""
+        groups = (
+            [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            if self.optimizer is not None
+            else []
+        )
+        return groups, {id(m): m.get_extra_state() for _, m in self._extra}
+
+    def current(self, snapshot: tuple[list[dict[str, Any]], dict[int, Any]] | None = None) -> dict[str, Any]:
         """The dict to stage now, with the optimizer's hyperparameters and the modules' extra
-        state (``get_extra_state()``) refreshed."""
+        state (``get_extra_state()``) refreshed: from ``snapshot`` (see :meth:`snapshot`) where it
+        has them, else read now."""
         if self.stale():
             self.build()
-        else:
-            if self.optimizer is not None:
-                for packed, group in zip(self._groups, self.optimizer.param_groups):
-                    for k, v in group.items():
-                        if k != "params":
-                            packed[k] = v
-            model_state = self.state["model"]  # type: ignore[index]  # built above
-            for key, m in self._extra:
-                model_state[key] = m.get_extra_state()
+        groups, extra = snapshot if snapshot is not None else ([], {})
+        if self.optimizer is not None:
+            for i, (packed, group) in enumerate(zip(self._groups, self.optimizer.param_groups)):
+                source = groups[i] if i < len(groups) else group
+                for k, v in source.items():
+                    if k != "params":
+                        packed[k] = v
+        model_state = self.state["model"]  # type: ignore[index]  # built above
+        for key, m in self._extra:
+            model_state[key] = extra[id(m)] if id(m) in extra else m.get_extra_state()
         state: dict[str, Any] = self.state  # type: ignore[assignment]  # built above
         return state
 
@@ -498,6 +511,7 @@ class WrapHandle:
         path = os.fspath(path)
         stager = self.stager
         marks = stager.caller_marks() if self._devices and isinstance(stager, GraphStager) else None
+        snapshot = self._live.snapshot()  # lr and extra state as of this call
         ticket = _Ticket(path)
         record = CheckpointRecord(path=path)
         self.records.append(record)
@@ -506,14 +520,14 @@ class WrapHandle:
         self._staging = ticket
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-checkpoint")
-        self._worker.submit(self._run_checkpoint, ticket, record, marks)
+        self._worker.submit(self._run_checkpoint, ticket, record, marks, snapshot)
         record.blocked_s = time.perf_counter() - t0
         return ticket.result
 
-    def _run_checkpoint(self, ticket: "_Ticket", record: CheckpointRecord, marks: Any) -> None:
+    def _run_checkpoint(self, ticket: "_Ticket", record: CheckpointRecord, marks: Any, snapshot: Any) -> None:
         """The background half of :meth:`checkpoint`: read, stage, hand to DCP."""
         try:
-            state = self._live.current()
+            state = self._live.current(snapshot)
             # The previous staged copy is released here, so the lease policy sees only the
             # writer's hold (with one arena, holding it would keep this stage waiting for good).
             self._last_staged = None
@@ -714,6 +728,13 @@ class WrapHandle:
 
     def _device_fence_hook(self, *args: Any, **kwargs: Any) -> None:
         if self._staging is not None or self._events:
+            if self._devices and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "stager.wrap: the optimizer step (or a forward that updates buffers) is being "
+                    "captured in a CUDA graph while a checkpoint is being staged; its replays would "
+                    "not wait for the copy. Call handle.fence() before capturing, and do not take "
+                    "checkpoints between replays of a captured step"
+                )
             self.fence()
 
     def _write_done(self, fut: Future, record: CheckpointRecord, submitted: float, ticket: "_Ticket") -> None:

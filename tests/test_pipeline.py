@@ -252,3 +252,49 @@ def test_release_refuses_what_the_stager_did_not_stage() -> None:
         _assert_same(keep, sd)  # the sources are untouched
         stager.release(out)
         assert all(t.numel() == 0 for t in out.values())
+
+
+def test_the_garbage_collector_pause_is_shared_by_threads() -> None:
+    # One thread leaving its pause must not switch the collector back on inside another's (a
+    # collection during a CUDA-graph capture can run a finalizer that breaks the capture).
+    import gc
+
+    from stager.plan import gc_paused
+
+    inside = threading.Event()
+    leave = threading.Event()
+    seen: list[bool] = []
+
+    def long_pause() -> None:
+        with gc_paused():
+            inside.set()
+            leave.wait(30)
+            seen.append(gc.isenabled())
+
+    assert gc.isenabled()
+    t = threading.Thread(target=long_pause)
+    with gc_paused():  # this thread's pause begins first and ends first
+        t.start()
+        assert inside.wait(30)
+    leave.set()
+    t.join(30)
+    assert seen == [False] and gc.isenabled()
+
+
+def test_device_copies_let_go_of_what_they_used_only_where_no_capture_runs() -> None:
+    from stager.device import PendingCopy
+
+    class Done:
+        def synchronize(self) -> None:
+            pass
+
+    graveyard: list = []
+    pending = PendingCopy(graveyard)
+    used = torch.ones(4)
+    pending.add(Done(), (used,))
+    pending.wait()  # on a writer or waiter thread: nothing is freed here
+    assert graveyard == [[(used,)]]
+    with GraphStager() as stager:
+        stager._graveyard.append(["kept until the next stage"])
+        stager.stage({"w": torch.ones(2)})
+        assert stager._graveyard == []  # emptied at the start of a stage, under its lock

@@ -653,3 +653,25 @@ def test_load_checkpoint_drops_optimizer_state_the_checkpoint_does_not_have(tmp_
     got = layout(model2, opt2)
     assert sorted(got["optim"]["state"]) == sorted(want["optim"]["state"])
     assert_state_equal(got, want)
+
+
+def test_hyperparameters_are_the_ones_at_the_call(tmp_path: Path) -> None:
+    # checkpoint() returns before the live state is read; a scheduler that steps right after it
+    # must not reach the checkpoint.
+    model, opt = make()
+    with stager.wrap(model, opt) as handle:
+        train(model, opt, range(1))
+        go = threading.Event()
+        real = handle._live.current
+
+        def late(*args: Any) -> Any:
+            assert go.wait(30)  # the background thread reads the live state only after the change
+            return real(*args)
+
+        handle._live.current = late  # type: ignore[method-assign]
+        opt.param_groups[0]["lr"] = 0.5
+        handle.checkpoint(tmp_path / "c")
+        opt.param_groups[0]["lr"] = 0.25  # the scheduler's step, before the background stage ran
+        go.set()
+        handle.wait()
+    assert load_fresh(tmp_path / "c")["optim"]["param_groups"][0]["lr"] == 0.5
