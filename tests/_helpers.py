@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import pytest
 import torch
+
+from stager.kernels import kernel_backend
 
 ALL_DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
@@ -62,3 +65,21 @@ def assert_same(want: Any, got: Any, path: str = "") -> None:
             assert_same(a, b, f"{path}[{i}]")
     else:
         assert got == want, path
+
+
+# The kernels run on CPU tensors only under Triton's interpreter, which conftest turns on only
+# where there is no GPU: on a GPU machine the "cpu" cases are skipped, the "cuda" ones run.
+KERNEL_ON_CPU = kernel_backend("cpu") == "triton-interpreter"
+
+KERNEL_DEVICES = [
+    pytest.param(
+        "cpu",
+        id="cpu",
+        marks=pytest.mark.skipif(not KERNEL_ON_CPU, reason="TRITON_INTERPRET is off (a GPU is present)"),
+    ),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
+]
+"""The devices a kernel test runs on: the CPU under the interpreter, a GPU where present."""
+
+POISON = 0xA5
+"""The byte outputs are filled with before a kernel runs (checked outside every region after)."""

@@ -24,7 +24,6 @@ from stager.kernels import (
     BLOCK,
     WIDE_MIN,
     PackTable,
-    kernel_backend,
     pack_gather,
     pack_gather_reference,
     packed_size,
@@ -36,20 +35,9 @@ from stager.kernels import (
     validate_table,
 )
 
-# The kernel runs on CPU tensors only under Triton's interpreter, which conftest turns on only
-# where there is no GPU: on a GPU machine the "cpu" cases are skipped, the "cuda" ones run.
-KERNEL_ON_CPU = kernel_backend("cpu") == "triton-interpreter"
+from _helpers import KERNEL_DEVICES as DEVICES
+from _helpers import KERNEL_ON_CPU, POISON
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        id="cpu",
-        marks=pytest.mark.skipif(not KERNEL_ON_CPU, reason="TRITON_INTERPRET is off (a GPU is present)"),
-    ),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
-]
-
-POISON = 0xA5
 MIB = 1 << 20
 
 # A layout is a list of (source byte offset in the arena, packed offset, nbytes) triples.

@@ -21,7 +21,6 @@ from _helpers import ALL_DTYPES, random_tensor
 from stager.errors import RegionTableError
 from stager.kernels import (
     BLOCK,
-    kernel_backend,
     pack_gather,
     pack_gather_reference,
     prepare_checksum_table,
@@ -33,18 +32,9 @@ from stager.kernels import (
 )
 from stager.kernels import lanes64
 
-KERNEL_ON_CPU = kernel_backend("cpu") == "triton-interpreter"
+from _helpers import KERNEL_DEVICES as DEVICES
+from _helpers import KERNEL_ON_CPU, POISON
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        id="cpu",
-        marks=pytest.mark.skipif(not KERNEL_ON_CPU, reason="TRITON_INTERPRET is off (a GPU is present)"),
-    ),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
-]
-
-POISON = 0xA5
 
 # (byte offset of the region in a random buffer, length): odd sizes, every alignment mod 8,
 # zero-length, one byte short of / exactly / past a launch row (BLOCK bytes).
