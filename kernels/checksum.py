@@ -44,8 +44,8 @@ from typing import Any
 
 import torch
 
-from stager.errors import RegionTableError
 from stager.kernels import lanes64
+from stager.kernels.errors import RegionTableError
 from stager.kernels.pack import (
     LANE_TILE,
     _bytes_at,
@@ -282,7 +282,7 @@ def region_checksums(
     region on the regions' device (allocated when None). Queued on the current stream; returns
     ``out``. ``use_triton`` as for ``pack_gather``.
 
-    Raises :class:`~stager.errors.RegionTableError` for a malformed table or output.
+    Raises :class:`~stager.kernels.errors.RegionTableError` for a malformed table or output.
     """
     dev = _device_of(table, device)
     kernel = _use_kernel(use_triton, dev)

@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
-from stager.errors import RegionTableError
 from stager.kernels import lanes64 as _lanes64
+from stager.kernels.errors import RegionTableError
 from stager.kernels.table import (
     BLOCK,
     WORD,
@@ -496,7 +496,7 @@ def pack_gather(
     any allocation or host-to-device copy (CUDA-graph capture). Without ``checksums`` nothing of
     this runs and the kernel is the plain copy.
 
-    Raises :class:`~stager.errors.RegionTableError` naming the first bad row.
+    Raises :class:`~stager.kernels.errors.RegionTableError` naming the first bad row.
     """
     kernel = _use_kernel(
         use_triton, out.device if isinstance(out, torch.Tensor) else torch.device("cpu")

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stager.errors import RegionTableError
+from stager.kernels.errors import RegionTableError
 
 __all__ = [
     "BLOCK",

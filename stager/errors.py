@@ -2,9 +2,16 @@
 
 Messages follow one shape: what went wrong (with the state-dict key path or the knob), what was
 got, what was expected, and what to do about it.
+
+Every error class here subclasses :class:`StagerError` except one: the kernels' error class,
+:class:`RegionTableError`, lives with the kernels (``stager.kernels.errors``, since the kernels
+import nothing else from ``stager``) and is re-exported here; it is a ``ValueError`` only, so
+catch it as ``RegionTableError`` or ``ValueError``, not as ``StagerError``.
 """
 
 from __future__ import annotations
+
+from stager.kernels.errors import RegionTableError
 
 __all__ = [
     "StagerError",
@@ -67,10 +74,6 @@ class SourceModifiedError(StagerError, RuntimeError):
     next optimizer step). The staged copy of that call is not handed out; the message names
     the key path of the first tensor found written.
     """
-
-
-class RegionTableError(StagerError, ValueError):
-    """A pack/unpack region table is malformed (bad dtype or shape, overlap, out of bounds)."""
 
 
 class RestoreMismatchError(StagerError, ValueError):
