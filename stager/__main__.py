@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from stager.doctor import main as run
     from stager._cli import fail
-    from stager.errors import StagerError
+    from stager.errors import RegionTableError, StagerError
 
     # A command error is one line on stderr and a non-zero exit, never a traceback.
     try:
         return run(rest)
-    except (StagerError, OSError) as exc:
+    except (StagerError, RegionTableError, OSError) as exc:
         return fail(f"python -m stager {cmd}", exc)
     except KeyboardInterrupt:
         return fail(f"python -m stager {cmd}", "interrupted", 130)
