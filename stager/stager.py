@@ -212,7 +212,7 @@ class GraphStager:
                     staged, _ = self._pipeline(state_dict, stats, t0, None)
                 stats.blocked_s = stats.complete_s
                 return staged
-            marks = self._caller_marks()
+            marks = self.caller_marks()
             result: Future = Future()
             with self._counter_lock:  # two threads' first calls must not make two executors
                 if self._executor is None:
@@ -263,12 +263,6 @@ class GraphStager:
                 state_dict, StageStats(), time.perf_counter(), marks, leave_in_flight=True,
                 check_versions=check_versions,
             )
-
-    def caller_marks(self) -> dict | None:
-        """Record, on the calling thread, an event on the current stream of every CUDA device
-        this stager has staged from (and of the current device): what a pipeline run on another
-        thread makes its side streams wait for. ``None`` without CUDA."""
-        return self._caller_marks()
 
     def synchronize_staging(self) -> None:
         """Wait until the last asynchronous ``stage()`` is complete (no-op when synchronous).
@@ -362,7 +356,7 @@ class GraphStager:
         The plans, their programs and CUDA graphs go with them; arenas are kept as spares for the
         next plan. The next ``stage()`` plans anew. Waits for staging in flight.
         """
-        self.synchronize_staging_quietly()
+        self._synchronize_quietly()
         with self._lock:
             for slot in self._slots:
                 self._drop_slot(slot)
@@ -411,7 +405,7 @@ class GraphStager:
             pinned += a.mapped_bytes if a.pinned else 0
         return HostBytes(total=total, pinned=pinned)
 
-    def synchronize_staging_quietly(self) -> None:
+    def _synchronize_quietly(self) -> None:
         """Wait for the last asynchronous stage, ignoring its outcome (its caller sees it)."""
         future = self._future
         if future is not None and not self._on_staging_thread():
@@ -432,7 +426,7 @@ class GraphStager:
     ) -> tuple[Any, PendingCopy | None]:
         """Carry one stage from the plan check to the staged dict; the only place that does.
 
-        ``marks``: what the caller's streams were at call time (:meth:`_caller_marks`); ``None``
+        ``marks``: what the caller's streams were at call time (:meth:`caller_marks`); ``None``
         makes the side streams wait for the current streams of this thread. ``leave_in_flight``
         returns with device copies still running (their :class:`PendingCopy` is returned and the
         set stays leased until they complete). ``check_versions`` (what to do about it, for the
@@ -514,7 +508,10 @@ class GraphStager:
         with self._window.stage(n):
             yield
 
-    def _caller_marks(self) -> dict | None:
+    def caller_marks(self) -> dict | None:
+        """Record, on the calling thread, an event on the current stream of every CUDA device
+        this stager has staged from, the current device and every device with a context: what
+        a pipeline run on another thread makes its side streams wait for. ``None`` without CUDA."""
         if not torch.cuda.is_available():
             return None
         devices = {d for slot in self._slots for d in slot.plan.device_regions if d.type == "cuda"}
