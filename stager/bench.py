@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import torch
 
+from stager.tree import tensors_in
+
 __all__ = ["WORKLOADS", "make_workload", "run", "main"]
 
 MiB = 1 << 20
@@ -128,19 +130,9 @@ def make_workload(device: str, case: str) -> Any:
     return WORKLOADS[device][case]()
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def _unique_bytes(sd: Any) -> int:
     seen: dict[int, int] = {}
-    for t in _tensors(sd):
+    for t in tensors_in(sd):
         key = t.untyped_storage().data_ptr()
         seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
     return sum(seen.values())
@@ -188,7 +180,7 @@ class _BareForeach:
 
     def stage(self, sd: Any) -> Any:
         if self._src is None:
-            self._src = _tensors(sd)
+            self._src = tensors_in(sd)
             pin = bool(self._src) and self._src[0].is_cuda
             self._dst = [torch.empty_like(t, device="cpu", pin_memory=pin) for t in self._src]
         torch._foreach_copy_(self._dst, self._src)
@@ -205,7 +197,7 @@ class _TorchPack:
         self._key: Any = None
 
     def stage(self, sd: Any) -> Any:
-        tensors = [t for t in _tensors(sd) if t.numel()]
+        tensors = [t for t in tensors_in(sd) if t.numel()]
         views = [t.reshape(-1).view(torch.uint8) for t in tensors]
         sizes = [v.numel() for v in views]
         if self._key != sizes:
@@ -319,7 +311,7 @@ def run(
     chosen = {k: v for k, v in all_providers.items() if providers is None or any(p in k for p in providers)}
     for case in cases:
         sd = make_workload(device, case)
-        n_tensors = len(_tensors(sd))
+        n_tensors = len(tensors_in(sd))
         nbytes = _unique_bytes(sd)
         fb, fc = _time_floor(nbytes, device, iters)
         floor = _pct(fc, 0.5)

@@ -32,11 +32,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stager.tree import leaves
 
 __all__ = ["TinyLM", "SIZES", "make_batch", "main"]
 
@@ -135,26 +137,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def _flat(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flat(v, f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _flat(v, f"{prefix}/{i}")
-    else:
-        yield prefix, obj
-
-
 def _layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": model.state_dict(), "optim": opt.state_dict()}
 
 
 def _differences(got: Any, want: Any) -> list[str]:
     """Key paths where ``got`` and ``want`` differ (tensors by ``torch.equal``)."""
-    g, w = dict(_flat(got)), dict(_flat(want))
+    g, w = dict(leaves(got)), dict(leaves(want))
     bad = sorted(set(g) ^ set(w))
     for k in sorted(set(g) & set(w)):
         a, b = g[k], w[k]
@@ -473,7 +462,7 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
     layers, d, heads, vocab, seq, batch = SIZES[args.size]
     model, opt = _make(args.size, device, args.seed)
     _train_step(model, opt, 0, args.size, device)  # creates the optimizer state, to size it
-    tensors = dict(_flat(_layout(model, opt)))
+    tensors = dict(leaves(_layout(model, opt)))
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
     n_tensors = sum(isinstance(t, torch.Tensor) for t in tensors.values())
     n_params = sum(p.numel() for p in model.parameters())
@@ -494,8 +483,9 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
     # Run 1: stager.wrap.
     model, opt = _make(args.size, device, args.seed)
     handle = stager.wrap(model, opt)
+    checkpoint = handle.checkpoint
     try:
-        run_wrap = _train("wrap", args, device, root, lambda m, o, p: handle.checkpoint(p), model, opt)
+        run_wrap = _train("wrap", args, device, root, lambda m, o, p: checkpoint(p), model, opt)
         handle.wait()
         if run_wrap.snapshot is not None:
             for step in range(args.steps + 1, args.steps + 1 + _EXTRA_STEPS):
@@ -510,7 +500,7 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
             )
     finally:
         handle.close()
-    del model, opt, handle
+    del model, opt, handle, checkpoint
 
     # Run 2: dcp.async_save with DCP's default stager.
     model, opt = _make(args.size, device, args.seed)

@@ -64,26 +64,8 @@ import torch.distributed as dist
 from stager.arena import HostArena, StagedSet, find_segment
 from stager.config import StagerConfig
 from stager.errors import PartnerFailedError, ReplicationError, ReplicationTimeoutError
-from stager.plan import (
-    _ATOM,
-    _ATOMS,
-    _DICT,
-    _DTENSOR,
-    _FLATDICT,
-    _OBJECT,
-    _NESTEDFLAT,
-    _SUBTENSOR,
-    _TENSOR,
-    Leaf,
-    Plan,
-    Region,
-    build_plan,
-    rebuild,
-    TensorSignature,
-    gc_paused,
-    tensor_signature,
-    walk,
-)
+from stager.plan import Leaf, Plan, Region, TensorSignature, build_plan, gc_paused, tensor_signature
+from stager.tree import Token, consumes, rebuild, walk
 
 if TYPE_CHECKING:
     from stager.stager import GraphStager
@@ -432,24 +414,17 @@ class Replicator:
         others = list(others)
         i = j = 0  # index into tensors, into others
         for tok in tokens:
-            kind = tok[0]
-            if kind == _TENSOR or kind == _SUBTENSOR or kind == _DTENSOR:
-                if kind == _SUBTENSOR and getattr(tensors[i], "__dict__", None):
-                    subclass_attrs[i] = tensors[i].__dict__
-                i += 1
-            elif kind == _FLATDICT:
-                i += len(tok[1])
-            elif kind == _NESTEDFLAT:
-                i += tok[3]
-            elif kind == _DICT and tok[1] is not dict:
+            if tok[0] is Token.SUBTENSOR and getattr(tensors[i], "__dict__", None):
+                subclass_attrs[i] = tensors[i].__dict__
+            elif tok[0] is Token.DICT and tok[1] is not dict:
                 # A dict subclass is rebuilt from an emptied copy of itself: send it empty (its
                 # values travel as leaves; a DTensor value must not be pickled by value).
                 template = copy.copy(others[j])
                 template.clear()
                 others[j] = template
-                j += 1
-            elif kind in (_ATOM, _ATOMS, _OBJECT):
-                j += 1
+            n_tensors, n_others = consumes(tok)
+            i += n_tensors
+            j += n_others
         if not others and not subclass_attrs:
             return b""  # a flat dict of tensors: nothing to send
         ids = {id(t): i for i, t in enumerate(tensors)}

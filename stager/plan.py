@@ -23,7 +23,7 @@ storage is staged: a small view into a large buffer costs its own bytes, not the
 
 DTensors. A ``DTensor`` (from ``fully_shard`` or ``distribute_tensor``) is one leaf whose tensor is
 its local shard: the token carries the DTensor's spec (mesh, placements, global shape and stride),
-the signature covers the local tensor, and :func:`rebuild` wraps the staged local tensor in a
+the signature covers the local tensor, and :func:`stager.tree.rebuild` wraps the staged local tensor in a
 DTensor with the same spec. ``torch.distributed.tensor`` is never imported here: a DTensor can
 only exist once its module is loaded, so the class is looked up in ``sys.modules``.
 
@@ -41,52 +41,25 @@ is closed.
 
 from __future__ import annotations
 
-import copy
 import gc
-import io
 import operator
-from collections import OrderedDict, defaultdict, deque
-from itertools import chain, islice
-from operator import attrgetter
-import pickle
-import sys
 import threading
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from stager.errors import StagingInputError
+from stager.tree import PLAIN_TENSOR_TYPES
 
 __all__ = [
-    "Region", "Leaf", "Plan", "walk", "build_plan", "arena_layout", "rebuild", "find_cycle", "tensor_signature", "TensorSignature",
-    "gc_paused", "ATOMIC_TYPES",
+    "Region", "Leaf", "Plan", "build_plan", "arena_layout", "tensor_signature", "TensorSignature", "gc_paused",
 ]
 
-# Leaves that deepcopy returns as themselves.
-ATOMIC_TYPES: frozenset[type] = frozenset(
-    {
-        type(None), int, float, bool, complex, str, bytes, range, type, types.FunctionType,
-        types.BuiltinFunctionType, torch.dtype, torch.device, torch.Size, torch.layout,
-        torch.memory_format,
-    }
-)
 _DTYPE = attrgetter("dtype")
 _SHAPE = attrgetter("shape")
-_PLAIN_TENSOR_TYPES: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
-_DICT_ONLY: frozenset[type] = frozenset({dict})
-
-# Structure tokens, in pre-order. Each is a tuple whose first item is one of:
-_DICT, _FLATDICT, _LIST, _TUPLE, _NAMEDTUPLE, _TENSOR, _SUBTENSOR, _ATOM, _OBJECT, _DTENSOR, _ATOMS, _NESTEDFLAT = range(12)
-_TENSOR_TOKEN = (_TENSOR,)
-
-
-def _dtensor_class() -> type | None:
-    """``DTensor`` if ``torch.distributed.tensor`` is loaded (no DTensor can exist otherwise)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None) if mod is not None else None
 
 
 @dataclass(frozen=True)
@@ -320,304 +293,6 @@ _gc_depth = 0
 _gc_was_enabled = False
 
 
-# --------------------------------------------------------------------------------------------
-# Walking a state dict
-# --------------------------------------------------------------------------------------------
-
-
-class _Finder(pickle.Pickler):
-    """Finds the tensors inside an arbitrary object, the way pickling (and deepcopy) reaches them."""
-
-    def __init__(self, found: list[torch.Tensor]) -> None:
-        super().__init__(io.BytesIO(), protocol=pickle.HIGHEST_PROTOCOL)
-        self.found = found
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            self.found.append(obj)
-            return len(self.found) - 1
-        return None
-
-
-def walk(
-    obj: Any,
-    tokens: list[tuple],
-    tensors: list[torch.Tensor],
-    others: list[Any],
-    paths: list[str] | None = None,
-    path: str = "",
-) -> None:
-    """Flatten ``obj`` in pre-order into structure ``tokens``, ``tensors`` and non-tensor ``others``.
-
-    ``paths`` (planning only) receives the key path of every tensor, for error messages.
-    """
-    cls = type(obj)
-    if cls in _PLAIN_TENSOR_TYPES:
-        tokens.append(_TENSOR_TOKEN)
-        tensors.append(obj)
-        if paths is not None:
-            paths.append(path)
-    elif isinstance(obj, dict):
-        keys = tuple(obj)
-        values = list(obj.values())
-        if cls is dict and values:
-            types = set(map(type, values))
-            if types <= _PLAIN_TENSOR_TYPES:
-                # A flat dict of tensors (model.state_dict()): no per-value recursion.
-                tokens.append((_FLATDICT, keys))
-                tensors.extend(values)
-                if paths is not None:
-                    paths.extend(f"{path}[{k!r}]" for k in keys)
-                return
-            if types == _DICT_ONLY:
-                # A dict of flat dicts of tensors (an optimizer's per-parameter ``state``): one
-                # token, and no Python-level step per inner dict.
-                flat = list(chain.from_iterable(map(dict.values, values)))
-                if set(map(type, flat)) <= _PLAIN_TENSOR_TYPES:
-                    tokens.append((_NESTEDFLAT, keys, tuple(map(tuple, values)), len(flat)))
-                    tensors.extend(flat)
-                    if paths is not None:
-                        paths.extend(f"{path}[{k!r}][{ik!r}]" for k, d in zip(keys, values) for ik in d)
-                    return
-        tokens.append((_DICT, cls, keys))
-        if cls is not dict:
-            if paths is not None:
-                _check_mapping(obj, path)
-            others.append(obj)  # the template: its class and attributes, refilled with staged items
-        for k, v in zip(keys, values):
-            walk(v, tokens, tensors, others, paths, f"{path}[{k!r}]" if paths is not None else "")
-    elif cls is list or cls is tuple:
-        if obj and set(map(type, obj)) <= ATOMIC_TYPES:
-            # Only immutable scalars (an optimizer's ``params`` ids, ``betas``): one token, and one
-            # snapshot of the values; like other atoms, their values are not part of the signature.
-            tokens.append((_ATOMS, cls, len(obj)))
-            others.append(tuple(obj))
-            return
-        tokens.append((_LIST if cls is list else _TUPLE, len(obj)))
-        for i, v in enumerate(obj):
-            walk(v, tokens, tensors, others, paths, f"{path}[{i}]" if paths is not None else "")
-    elif isinstance(obj, tuple) and hasattr(cls, "_fields"):
-        tokens.append((_NAMEDTUPLE, cls, len(obj)))
-        for name, v in zip(cls._fields, obj):
-            walk(v, tokens, tensors, others, paths, f"{path}.{name}" if paths is not None else "")
-    elif isinstance(obj, torch.Tensor):
-        dtensor = _dtensor_class()
-        if dtensor is not None and isinstance(obj, dtensor):
-            # The local shard is the leaf; the spec (mesh, placements, global shape/stride) is
-            # structure, compared on every stage like the keys.
-            local = obj._local_tensor
-            if type(local) not in _PLAIN_TENSOR_TYPES:
-                raise StagingInputError(
-                    path or "<root>",
-                    f"DTensor whose local tensor is a {type(local).__qualname__} is not supported "
-                    f"(placements={obj._spec.placements}, local shape={tuple(local.shape)})",
-                    "stage DTensors over plain local tensors",
-                )
-            tokens.append((_DTENSOR, cls, obj._spec))
-            tensors.append(local)
-        else:
-            tokens.append((_SUBTENSOR, cls))
-            tensors.append(obj)
-        if paths is not None:
-            paths.append(path)
-    elif cls in ATOMIC_TYPES:
-        tokens.append((_ATOM, cls))
-        others.append(obj)
-    else:
-        # An arbitrary object (list/tuple subclass, scheduler, dataclass...): deep-copied on every
-        # stage, with any tensor it holds staged through the plan like any other leaf.
-        found: list[torch.Tensor] = []
-        try:
-            _Finder(found).dump(obj)
-        except Exception as exc:
-            raise StagingInputError(
-                path or "<root>",
-                f"object of type {cls.__qualname__} cannot be copied ({type(exc).__name__}: {exc})",
-                "make it picklable/deep-copyable or remove it from the state dict",
-            ) from None
-        tokens.append((_OBJECT, cls, len(found)))
-        others.append(obj)
-        for i, t in enumerate(found):
-            walk(t, tokens, tensors, others, paths, f"{path}<{cls.__qualname__} tensor {i}>")
-
-
-def find_cycle(obj: Any) -> str | None:
-    """Key path of the first container that contains itself, or ``None`` (for error messages)."""
-    stack: list[tuple[Any, str, frozenset[int]]] = [(obj, "", frozenset())]
-    while stack:
-        o, path, ancestors = stack.pop()
-        if isinstance(o, dict):
-            items: Any = ((f"[{k!r}]", v) for k, v in o.items())
-        elif isinstance(o, (list, tuple)):
-            items = ((f"[{i}]", v) for i, v in enumerate(o))
-        else:
-            continue
-        if id(o) in ancestors:
-            return path or "<root>"
-        inner = ancestors | {id(o)}
-        stack.extend((v, path + k, inner) for k, v in items)
-    return None
-
-
-def rebuild(
-    tokens: list[tuple],
-    staged: list[torch.Tensor],
-    sources: list[torch.Tensor],
-    others: list[Any],
-    attr_index: Sequence[int] = (),
-) -> Any:
-    """Rebuild the nested structure from ``tokens`` around the ``staged`` tensors.
-
-    ``sources`` are the walked source tensors (same order as ``staged``), needed to deep-copy
-    arbitrary objects with their tensors replaced by the staged ones, and the Python attributes
-    of the plain tensors at ``attr_index`` (:attr:`Plan.attr_index`) onto their staged tensors.
-    """
-    tok_it = iter(tokens)
-    ten_it = iter(range(len(staged)))
-    oth_it = iter(others)
-    memo: dict[int, Any] = {}
-    for i in attr_index:
-        for name, value in sources[i].__dict__.items():
-            setattr(staged[i], name, copy.deepcopy(value, memo))
-    return _build(tok_it, ten_it, oth_it, staged, sources, memo)
-
-
-def _build(
-    tok_it: Iterator[tuple],
-    ten_it: Iterator[int],
-    oth_it: Iterator[Any],
-    staged: list[torch.Tensor],
-    sources: list[torch.Tensor],
-    memo: dict[int, Any],
-) -> Any:
-    tok = next(tok_it)
-    kind = tok[0]
-    if kind == _TENSOR:
-        return staged[next(ten_it)]
-    if kind == _FLATDICT:
-        keys = tok[1]
-        first = next(ten_it)
-        deque(islice(ten_it, len(keys) - 1), maxlen=0)
-        return dict(zip(keys, staged[first : first + len(keys)]))
-    if kind == _NESTEDFLAT:
-        keys, inner, n = tok[1], tok[2], tok[3]
-        if not n:
-            return {k: {} for k in keys}
-        first = next(ten_it)
-        deque(islice(ten_it, n - 1), maxlen=0)
-        values = iter(staged[first : first + n])
-        return {k: dict(zip(ik, values)) for k, ik in zip(keys, inner)}  # zip takes ik first: no overrun
-    if kind == _DICT:
-        cls, keys = tok[1], tok[2]
-        template = None if cls is dict else next(oth_it)
-        values = [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in keys]
-        if template is None:
-            return dict(zip(keys, values))
-        return _new_mapping(template, zip(keys, values), memo)
-    if kind == _LIST:
-        return [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[1])]
-    if kind == _TUPLE:
-        return tuple(_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[1]))
-    if kind == _NAMEDTUPLE:
-        cls = tok[1]
-        values = [_build(tok_it, ten_it, oth_it, staged, sources, memo) for _ in range(tok[2])]
-        # _make, not cls(*values): a subclass may give __new__ another signature.
-        make = getattr(cls, "_make", None)
-        return make(values) if make is not None else cls(*values)
-    if kind == _SUBTENSOR:
-        i = next(ten_it)
-        src = sources[i]
-        out = staged[i].as_subclass(tok[1])
-        for name, value in getattr(src, "__dict__", {}).items():
-            setattr(out, name, copy.deepcopy(value, memo))
-        return out
-    if kind == _DTENSOR:
-        return _make_dtensor(tok[1], staged[next(ten_it)], tok[2])
-    if kind == _ATOM:
-        return next(oth_it)
-    if kind == _ATOMS:
-        values = next(oth_it)
-        return list(values) if tok[1] is list else values
-    if kind == _OBJECT:
-        obj = next(oth_it)
-        local = dict(memo)
-        for _ in range(tok[2]):
-            next(tok_it)  # the tensor tokens of the object, consumed here
-            i = next(ten_it)
-            local[id(sources[i])] = staged[i]
-        return copy.deepcopy(obj, local)
-    raise AssertionError(f"unknown structure token {tok!r}")  # pragma: no cover
-
-
-def _new_mapping(template: dict, items: Iterator[tuple[Any, Any]], memo: dict[int, Any]) -> dict:
-    """A dict of ``template``'s class holding ``items``, with a deep copy of its attributes.
-
-    None of the subclass's own methods is called (as with PyTorch's ``StateDictStager``): its
-    ``update`` may mean something else (``Counter`` counts the items), its ``__setitem__`` or
-    ``__setattr__`` may refuse or redirect (read-only and attribute-style dicts). Items go in
-    through the builtin base (``OrderedDict``'s, which keeps its own order, or ``dict``'s), and
-    attributes straight into the instance ``__dict__``; ``defaultdict`` keeps its factory.
-    """
-    cls = type(template)
-    out = cls.__new__(cls)
-    setitem = OrderedDict.__setitem__ if isinstance(template, OrderedDict) else dict.__setitem__
-    for k, v in items:
-        setitem(out, k, v)
-    if isinstance(template, defaultdict):
-        defaultdict.__init__(out, template.default_factory)  # no arguments: keeps the items
-    attrs = getattr(template, "__dict__", None)
-    if attrs:
-        vars(out).update(copy.deepcopy(attrs, memo))
-    for name in _slot_names(cls):
-        if hasattr(template, name):
-            object.__setattr__(out, name, copy.deepcopy(getattr(template, name), memo))
-    return out
-
-
-def _slot_names(cls: type) -> tuple[str, ...]:
-    """The ``__slots__`` attributes a dict subclass declares (itself and its bases)."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        slots = klass.__dict__.get("__slots__", ())
-        names += [slots] if isinstance(slots, str) else list(slots)
-    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
-
-
-def _check_mapping(obj: dict, path: str) -> None:
-    """Refuse, before anything is copied, a dict subclass that :func:`_new_mapping` cannot make."""
-    cls = type(obj)
-    try:
-        _new_mapping(obj, iter(()), {})
-    except Exception as exc:
-        raise StagingInputError(
-            path or "<root>",
-            f"dict subclass {cls.__qualname__} cannot be rebuilt without calling its constructor "
-            f"({type(exc).__name__}: {exc})",
-            "stage a plain dict (dict(obj)) or make the class constructible with cls.__new__(cls)",
-        ) from None
-
-
-def _make_dtensor(cls: type, local: torch.Tensor, spec: Any) -> Any:
-    """A DTensor with ``spec`` (the source's mesh, placements, global shape and stride) around
-    ``local``.
-
-    DTensor's own constructor is what ``DTensor.from_local`` ends in, without its checks and its
-    autograd function (a fifth of the cost); ``from_local`` is the fallback should that private
-    signature change.
-    """
-    try:
-        return cls(local, spec, requires_grad=False)
-    except TypeError:  # pragma: no cover - another torch version
-        return cls.from_local(
-            local, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Planning
-# --------------------------------------------------------------------------------------------
-
-
 def _span_bytes(t: torch.Tensor) -> int:
     """Bytes from a tensor's first element to one past its last (0 for no elements)."""
     if t.numel() == 0:
@@ -650,7 +325,7 @@ def _check_leaf(t: torch.Tensor, path: str) -> None:
         raise StagingInputError(
             path, f"lazy conjugate/negative view {described}", "call .resolve_conj()/.resolve_neg() first"
         )
-    if type(t) not in _PLAIN_TENSOR_TYPES:
+    if type(t) not in PLAIN_TENSOR_TYPES:
         try:
             t.untyped_storage().data_ptr()
             t.data_ptr()
@@ -799,7 +474,7 @@ def build_plan(
         src_ptrs=[st.data_ptr() for st in src_storages],
         src_ends=[r.src_offset + r.nbytes for r in regions],
         region_first=region_first,
-        attr_index=[i for i, t in enumerate(tensors) if type(t) in _PLAIN_TENSOR_TYPES and t.__dict__],
+        attr_index=[i for i, t in enumerate(tensors) if type(t) in PLAIN_TENSOR_TYPES and t.__dict__],
         complex_index=[i for i, t in enumerate(tensors) if t.is_complex()],
         devices=devices,
         cpu_index=cpu_index,

@@ -38,6 +38,7 @@ import torch
 from stager import nvtx
 from stager.errors import RestoreMismatchError
 from stager.stats import StageStats
+from stager.tree import holds_tensor
 
 __all__ = ["RestoreMismatchError", "match_tensors", "restore_state"]
 
@@ -99,17 +100,6 @@ def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor
     elif isinstance(t, (Mapping, list, tuple)):
         raise _mismatch(path, f"the staged copy has a {type(s).__name__} but the target has a {type(t).__name__}")
     # Any other leaf holds no tensor we restore (see the module docstring).
-
-
-def holds_tensor(obj: Any) -> bool:
-    """Whether ``obj`` is a tensor or a dict, list or tuple with a tensor somewhere inside."""
-    if isinstance(obj, torch.Tensor):
-        return True
-    if isinstance(obj, Mapping):
-        return any(map(holds_tensor, obj.values()))
-    if isinstance(obj, (list, tuple)):
-        return any(map(holds_tensor, obj))
-    return False
 
 
 def _writable_pair(s: torch.Tensor, t: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:

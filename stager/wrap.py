@@ -67,9 +67,9 @@ import torch
 from stager import nvtx
 from stager.config import StagerConfig
 from stager.errors import CheckpointWriteError, StagerClosedError
-from stager.restore import holds_tensor
 from stager.stager import GraphStager
 from stager.stats import StageStats
+from stager.tree import holds_tensor, tensors_in
 
 if TYPE_CHECKING:
     from stager.integrity import IntegrityReport
@@ -401,21 +401,7 @@ def _buffer_owners(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _cuda_devices(state: Any) -> list[torch.device]:
-    found: set[torch.device] = set()
-
-    def visit(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.device.type == "cuda":
-                found.add(obj.device)
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                visit(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                visit(v)
-
-    visit(state)
-    return sorted(found, key=str)
+    return sorted({t.device for t in tensors_in(state) if t.device.type == "cuda"}, key=str)
 
 
 # ------------------------------------------------------------------------------------ the handle

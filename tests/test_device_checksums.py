@@ -34,7 +34,8 @@ from stager.graphs import (
 )
 from stager.integrity import region_of, verify_staged_tensors
 from stager.kernels import kernel_backend, lanes64
-from stager.plan import Plan, rebuild
+from stager.plan import Plan
+from stager.tree import rebuild
 
 from test_graphs import (  # noqa: F401 - fake_cuda is a fixture
     CPU,

@@ -34,7 +34,8 @@ from stager.graphs import (
     capture_key,
     run_eager,
 )
-from stager.plan import Plan, Region, build_plan, rebuild, walk
+from stager.plan import Plan, Region, build_plan
+from stager.tree import rebuild, walk
 
 KiB = 1 << 10
 POISON = 0xA5

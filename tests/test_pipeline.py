@@ -86,7 +86,8 @@ def test_the_plan_check_compares_each_source_storage_s_size_as_well_as_its_addre
     # like to the check.
     import numpy as np
 
-    from stager.plan import build_plan, walk
+    from stager.plan import build_plan
+    from stager.tree import walk
 
     buf = np.zeros(4096, dtype=np.float32)
     sd = {"t": torch.from_numpy(buf)}
