@@ -13,7 +13,14 @@ Importing this package initialises no CUDA context and imports no Triton.
 
 from __future__ import annotations
 
-from stager.graphs.cuda_graph import Action, CaptureKey, CaptureTracker, CudaGraphExecutor, GraphState, capture_key
+from stager.graphs.cuda_graph import (
+    Action,
+    CaptureKey,
+    CaptureTracker,
+    CudaGraphExecutor,
+    GraphState,
+    capture_key,
+)
 from stager.graphs.eager import issue_ops, run_eager
 from stager.graphs.program import (
     MIN_RUN,

@@ -453,8 +453,9 @@ def install_shared_reduction() -> None:
     Called when the first shared arena is created.
     """
     global _previous_reducer
-    import torch.multiprocessing  # noqa: F401  (registers torch's reducers first)
     from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's reducers first)
 
     with _install_lock:
         current = ForkingPickler._extra_reducers.get(torch.UntypedStorage)

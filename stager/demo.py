@@ -331,8 +331,9 @@ def range_times(trace_path: str | Path, prefix: str = "stager/") -> dict[str, tu
 
 
 def _trace(path: str, args: argparse.Namespace, device: torch.device, root: Path, out: Callable[[str], None]) -> None:
-    import stager
     from torch.profiler import ProfilerActivity, profile
+
+    import stager
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     kwargs: dict[str, Any] = {}

@@ -49,8 +49,8 @@ import copy
 import io
 import logging
 import pickle
-import sys
 import random
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -487,8 +487,8 @@ class Replicator:
     ) -> None:
         """Hash the received regions and compare with the sender's checksums; keep them with the
         replica (or forget stale ones when none came)."""
-        from stager.integrity import clear_checksums, compute_set_checksums, format_checksum, store_checksums
         from stager.errors import IntegrityError
+        from stager.integrity import clear_checksums, compute_set_checksums, format_checksum, store_checksums
 
         if sums is None:
             clear_checksums(in_set)

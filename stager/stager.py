@@ -58,9 +58,9 @@ from stager.headroom import HostDecision, decide_host, read_host
 from stager.holders import traceback_holders
 from stager.integrity import checksum_staged_set, clear_checksums
 from stager.plan import Plan, build_plan, gc_paused
-from stager.tree import find_cycle, rebuild, walk
 from stager.stats import StageStats
 from stager.stats import record as record_stats
+from stager.tree import find_cycle, rebuild, walk
 
 __all__ = ["GraphStager", "HostBytes"]
 

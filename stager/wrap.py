@@ -182,9 +182,9 @@ def load_checkpoint(
             entry for (another optimizer class, or one whose state is created differently); it
             would otherwise be left unloaded without a word.
     """
-    from stager.integrity import verify_state_dict
-
     import torch.distributed.checkpoint as dcp
+
+    from stager.integrity import verify_state_dict
 
     path = os.fspath(path)
     if optimizer is not None:

@@ -17,6 +17,23 @@ from typing import Any
 
 import pytest
 import torch
+from test_graphs import (  # noqa: F401 - fake_cuda is a fixture
+    CPU,
+    GPU0,
+    POISON,
+    FakeGraph,
+    FakeStream,
+    KiB,
+    _assert_same,
+    _chunks,
+    _cpu_copier,
+    _pinned_set,
+    _state_dict,
+    fake_cuda,
+    plan_of,
+    raw,
+    regions,
+)
 
 from stager import GraphStager, StageStats
 from stager.arena import HostArena, StagedSet
@@ -36,24 +53,6 @@ from stager.integrity import region_of, verify_staged_tensors
 from stager.kernels import kernel_backend, lanes64
 from stager.plan import Plan
 from stager.tree import rebuild
-
-from test_graphs import (  # noqa: F401 - fake_cuda is a fixture
-    CPU,
-    GPU0,
-    KiB,
-    POISON,
-    FakeGraph,
-    FakeStream,
-    _assert_same,
-    _chunks,
-    _cpu_copier,
-    _pinned_set,
-    _state_dict,
-    fake_cuda,
-    plan_of,
-    raw,
-    regions,
-)
 
 BACKENDS = [
     pytest.param(False, id="reference"),

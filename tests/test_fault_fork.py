@@ -10,8 +10,8 @@ import os
 
 import pytest
 import torch
-
 from _proc import run, shm_dir
+
 from stager import arena as arena_mod
 
 FORK_SCRIPT = r"""

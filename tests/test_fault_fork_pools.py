@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from _proc import run
 
 SCRIPT = r"""

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
-
 from _helpers import as_bytes
+
 from stager import GraphStager
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from test_wrap import _SlowWriter, assert_state_equal, load_fresh, make, snapshot, train
 
 import stager
-from test_wrap import _SlowWriter, assert_state_equal, load_fresh, make, snapshot, train
 
 
 def test_checkpoints_to_one_path_are_written_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,10 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-import pytest
 
+import pytest
 from _proc import finish, read_line, shm_dir, start
+
 from stager import StagingMemoryError, shm
 from stager import arena as arena_mod
 from stager.arena import HostArena

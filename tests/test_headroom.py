@@ -24,8 +24,6 @@ import pytest
 import torch
 
 from stager import headroom as hr
-from stager.headroom import host as hr_host
-from stager.headroom import nvml as hr_nvml
 from stager.errors import StagerConfigError, StagingMemoryError
 from stager.headroom import (
     DeviceDecision,
@@ -44,6 +42,8 @@ from stager.headroom import (
     read_headroom,
     read_host,
 )
+from stager.headroom import host as hr_host
+from stager.headroom import nvml as hr_nvml
 
 FIXTURES = Path(__file__).parent / "fixtures" / "headroom"
 GiB = 1 << 30

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from _cluster import cluster, shutdown_all
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

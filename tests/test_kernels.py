@@ -16,6 +16,8 @@ import textwrap
 
 import pytest
 import torch
+from _helpers import KERNEL_DEVICES as DEVICES
+from _helpers import KERNEL_ON_CPU, POISON
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,9 +36,6 @@ from stager.kernels import (
     unpack_scatter_reference,
     validate_table,
 )
-
-from _helpers import KERNEL_DEVICES as DEVICES
-from _helpers import KERNEL_ON_CPU, POISON
 
 MIB = 1 << 20
 

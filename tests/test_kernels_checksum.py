@@ -14,13 +14,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from _helpers import ALL_DTYPES, KERNEL_ON_CPU, POISON, random_tensor
+from _helpers import KERNEL_DEVICES as DEVICES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _helpers import ALL_DTYPES, random_tensor
 from stager.errors import RegionTableError
 from stager.kernels import (
     BLOCK,
+    lanes64,
     pack_gather,
     pack_gather_reference,
     prepare_checksum_table,
@@ -30,11 +32,6 @@ from stager.kernels import (
     table_from_tensors,
     table_from_triples,
 )
-from stager.kernels import lanes64
-
-from _helpers import KERNEL_DEVICES as DEVICES
-from _helpers import KERNEL_ON_CPU, POISON
-
 
 # (byte offset of the region in a random buffer, length): odd sizes, every alignment mod 8,
 # zero-length, one byte short of / exactly / past a launch row (BLOCK bytes).

@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-
 from _cluster import cluster, shutdown_all
 from _helpers import assert_same, random_tensor
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 import torch
+from _cluster import cluster, shutdown_all
 from torch.distributed.checkpoint import FileSystemWriter
 
-from _cluster import cluster, shutdown_all
 from stager import GraphStager, StagingMemoryError
 from stager import arena as arena_mod
 from stager.arena import SHARE_COUNTS, HostArena, find_segment, mapped_segments

@@ -11,17 +11,18 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from _helpers import ALL_DTYPES, assert_same, random_tensor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
-from _helpers import ALL_DTYPES, assert_same, random_tensor
 from stager import (
     GraphStager,
     LeaseTimeoutError,
     StagerClosedError,
     StagingInputError,
 )
+
 
 def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

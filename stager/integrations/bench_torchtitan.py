@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown providers {bad} or --saves < 2; providers: {', '.join(PROVIDERS)}", file=sys.stderr)
         return 2
 
-    import torch.distributed as dist
-    import torchtitan  # noqa: F401
     from importlib.metadata import version
 
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    import torchtitan  # noqa: F401
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
