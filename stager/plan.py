@@ -55,7 +55,8 @@ from stager.errors import StagingInputError
 from stager.tree import PLAIN_TENSOR_TYPES
 
 __all__ = [
-    "Region", "Leaf", "Plan", "build_plan", "arena_layout", "tensor_signature", "TensorSignature", "gc_paused",
+    "Region", "Leaf", "Plan", "build_plan", "arena_layout", "tensor_signature", "TensorSignature",
+    "gc_paused",
 ]
 
 _DTYPE = attrgetter("dtype")

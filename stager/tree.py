@@ -10,7 +10,7 @@ to tell two dicts apart, so they hold keys and container classes and never a ten
 :func:`children`, :func:`leaves` and :func:`find_cycle` are the plain walk every other part uses
 (restore, the training handle, the benchmarks and the demo): the containers are dicts (any
 ``Mapping``), lists and tuples, and a key path is written ``[key]`` per level, as in
-``['model']['fc.weight']``.
+``['model']['fc.weight']`` (``.name`` for a named tuple's field).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 from stager.errors import StagingInputError
 
 __all__ = [
-    "ATOMIC_TYPES", "PLAIN_TENSOR_TYPES", "Token", "children", "consumes", "find_cycle", "holds_tensor", "leaves",
-    "rebuild", "tensors_in", "walk",
+    "ATOMIC_TYPES", "PLAIN_TENSOR_TYPES", "Token", "children", "consumes", "find_cycle", "holds_tensor",
+    "leaves", "rebuild", "tensors_in", "walk",
 ]
 
 # Leaves that deepcopy returns as themselves.
@@ -107,9 +107,15 @@ def _dtensor_class() -> type | None:
 
 
 def children(obj: Any) -> Iterable[tuple[str, Any]] | None:
-    """``(key path suffix, child)`` for every item of a mapping, list or tuple; ``None`` for a leaf."""
+    """``(key path suffix, child)`` for every item of a mapping, list or tuple; ``None`` for a leaf.
+
+    The suffix is ``[key]`` for a mapping's key, ``[i]`` for a list or tuple index and ``.name``
+    for a named tuple's field, as :func:`walk` writes them.
+    """
     if isinstance(obj, Mapping):
         return ((f"[{k!r}]", v) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(type(obj), "_fields"):
+        return ((f".{name}", v) for name, v in zip(type(obj)._fields, obj))
     if isinstance(obj, (list, tuple)):
         return ((f"[{i}]", v) for i, v in enumerate(obj))
     return None
