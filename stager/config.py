@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import sys
 import threading
@@ -65,7 +66,7 @@ def _warn_unknown(environ: Mapping[str, str]) -> None:
 
 
 def available_profiles() -> list[str]:
-    """Names of the profiles shipped in ``stager/profiles`` (``*.toml``)."""
+    """Names of the shipped profiles: the ``*.toml`` files of ``profiles/`` (package ``stager.profiles``)."""
     root = resources.files("stager.profiles")
     return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))
 
@@ -90,57 +91,41 @@ def load_profile(name: str) -> dict[str, Any]:
     return table
 
 
+def _knob(name: str) -> Any:
+    """The dataclass field of the knob ``name``: default, variable and doc from ``KNOBS``."""
+    knob = KNOBS_BY_FIELD[name]
+    return field(default=knob.default, metadata={"env": knob.env, "doc": knob.doc})
+
+
 @dataclass(frozen=True, kw_only=True)
 class StagerConfig:
     """Every tunable of the stager. Build it with :meth:`resolve`, not by hand.
 
-    Each field has a ``STAGER_*`` environment variable of the upper-cased name (see
-    ``stager.envs.KNOBS`` and the README table).
+    Each field but ``sources`` is one knob of :data:`stager.envs.KNOBS`, which declares its
+    ``STAGER_*`` variable, default, accepted form and doc (the field's metadata carries the
+    variable and the doc; the list below and the README table show them).
     """
 
-    profile: str = "default"
-    """Name of the tuning preset (``STAGER_PROFILE``)."""
-    async_staging: bool = False
-    """``stage()`` returns a ``Future`` of the staged dict (``STAGER_ASYNC``)."""
-    pinned: Mode = Mode.AUTO
-    """Pin the host arena; auto pins when CUDA is available (``STAGER_PINNED``)."""
-    shared_memory: bool = False
-    """Host arena in shared memory for process-based writers (``STAGER_SHARED_MEMORY``)."""
-    cache_policy: CachePolicy = CachePolicy.AUTO
-    """Persistent or per-call host arenas (``STAGER_CACHE_POLICY``)."""
-    lease_policy: LeasePolicy = LeasePolicy.ALLOCATE
-    """Wait for a held arena or allocate another (``STAGER_LEASE_POLICY``)."""
-    lease_timeout: float = 300.0
-    """Seconds to wait for a held arena (``STAGER_LEASE_TIMEOUT``)."""
-    max_arenas: int = 2
-    """Most persistent arenas kept at once (``STAGER_MAX_ARENAS``)."""
-    max_plans: int = 3
-    """Most plans kept at once, each with its arenas and source references
-    (``STAGER_MAX_PLANS``)."""
-    alignment: int = 256
-    """Byte alignment of regions in the arena and device chunks (``STAGER_ALIGNMENT``)."""
-    pack_threshold: int = 1 << 20
-    """Regions below this many bytes are packed on the device (``STAGER_PACK_THRESHOLD``)."""
-    chunk_size: int = 64 << 20
-    """Bytes per device staging chunk (``STAGER_CHUNK_SIZE``)."""
-    replay_pieces: int = 1
-    """Pieces the staging program is replayed in (``STAGER_REPLAY_PIECES``)."""
-    graphs: Mode = Mode.AUTO
-    """CUDA-graph capture of the staging program (``STAGER_GRAPHS``)."""
-    triton: Mode = Mode.AUTO
-    """Triton pack kernel for small regions (``STAGER_TRITON``)."""
-    checksum: Mode = Mode.AUTO
-    """Region and saved-tensor checksums (``STAGER_CHECKSUM``): on (GPU sources hashed by the
-    staging program's kernels, CPU sources by a pass after the copy), auto (none anywhere, until
-    the GPU path is measured on a GPU) or off; see :mod:`stager.integrity`."""
-    nvtx: bool = False
-    """Profiler ranges for torch.profiler and nsys (``STAGER_NVTX``)."""
-    profile_checkpoints: CheckpointSet = CheckpointSet()
-    """Checkpoints bracketed for ``nsys --capture-range=cudaProfilerApi`` (``STAGER_PROFILE_CHECKPOINTS``)."""
-    host_reserve: int = 1 << 30
-    """Host bytes never used for staging (``STAGER_HOST_RESERVE``)."""
-    device_reserve: int = 512 << 20
-    """Device bytes never used for staging chunks (``STAGER_DEVICE_RESERVE``)."""
+    profile: str = _knob("profile")
+    async_staging: bool = _knob("async_staging")
+    pinned: Mode = _knob("pinned")
+    shared_memory: bool = _knob("shared_memory")
+    cache_policy: CachePolicy = _knob("cache_policy")
+    lease_policy: LeasePolicy = _knob("lease_policy")
+    lease_timeout: float = _knob("lease_timeout")
+    max_arenas: int = _knob("max_arenas")
+    max_plans: int = _knob("max_plans")
+    alignment: int = _knob("alignment")
+    pack_threshold: int = _knob("pack_threshold")
+    chunk_size: int = _knob("chunk_size")
+    replay_pieces: int = _knob("replay_pieces")
+    graphs: Mode = _knob("graphs")
+    triton: Mode = _knob("triton")
+    checksum: Mode = _knob("checksum")
+    nvtx: bool = _knob("nvtx")
+    profile_checkpoints: CheckpointSet = _knob("profile_checkpoints")
+    host_reserve: int = _knob("host_reserve")
+    device_reserve: int = _knob("device_reserve")
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Where each value came from: ``default``, ``profile <name>``, ``env STAGER_X`` or ``argument``."""
 
@@ -209,8 +194,13 @@ class StagerConfig:
         rows = []
         for knob in KNOBS:
             value = getattr(self, knob.field)
-            shown = value.value if isinstance(value, Mode | CachePolicy | LeasePolicy) else value
+            shown = value.value if isinstance(value, enum.Enum) else value
             if isinstance(shown, bool):
                 shown = int(shown)
             rows.append((knob.env, str(shown), self.sources.get(knob.field, "default")))
         return rows
+
+
+StagerConfig.__doc__ = (StagerConfig.__doc__ or "") + "\n    Fields:\n\n" + "\n".join(
+    f"    ``{k.field}`` (``{k.env}``): {k.doc}" for k in KNOBS
+)

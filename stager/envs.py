@@ -190,7 +190,8 @@ class Knob:
 
 
 KNOBS: tuple[Knob, ...] = (
-    Knob("profile", "STAGER_PROFILE", "default", "a profile name from stager/profiles (default, low_memory, throughput)",
+    Knob("profile", "STAGER_PROFILE", "default",
+         "a profile name from profiles/ (default, low_memory, throughput)",
          "Tuning preset applied under the environment and explicit arguments.", str),
     Knob("async_staging", "STAGER_ASYNC", False, "0 or 1",
          "When 1, stage() returns a concurrent.futures.Future of the staged dict.", _parse_bool),
@@ -221,9 +222,11 @@ KNOBS: tuple[Knob, ...] = (
          "Replay the staging program in this many pieces, to hold the copy engine in shorter bursts.",
          _parse_positive_int),
     Knob("graphs", "STAGER_GRAPHS", Mode.AUTO, "auto, on or off",
-         "Capture the device staging program as a CUDA graph (auto: when CUDA is available).", _enum_parser(Mode)),
+         "Capture the device staging program as a CUDA graph (auto: when CUDA is available).",
+         _enum_parser(Mode)),
     Knob("triton", "STAGER_TRITON", Mode.AUTO, "auto, on or off",
-         "Pack small regions with the Triton kernel (auto: when Triton and CUDA are available).", _enum_parser(Mode)),
+         "Pack small regions with the Triton kernel (auto: when Triton and CUDA are available).",
+         _enum_parser(Mode)),
     Knob("checksum", "STAGER_CHECKSUM", Mode.AUTO, "auto, on or off",
          "Checksum every staged region and saved tensor (stager-lanes64): on everywhere (GPU "
          "sources in the staging program's kernels, inside its CUDA graph; a CPU pass after the "

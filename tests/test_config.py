@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -18,8 +19,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # the README table and the docs together.
 EXPECTED_VARIABLES = {
     "STAGER_PROFILE", "STAGER_ASYNC", "STAGER_PINNED", "STAGER_SHARED_MEMORY", "STAGER_CACHE_POLICY",
-    "STAGER_LEASE_POLICY", "STAGER_LEASE_TIMEOUT", "STAGER_MAX_ARENAS", "STAGER_MAX_PLANS", "STAGER_ALIGNMENT",
-    "STAGER_PACK_THRESHOLD", "STAGER_CHUNK_SIZE", "STAGER_REPLAY_PIECES", "STAGER_GRAPHS",
+    "STAGER_LEASE_POLICY", "STAGER_LEASE_TIMEOUT", "STAGER_MAX_ARENAS", "STAGER_MAX_PLANS",
+    "STAGER_ALIGNMENT", "STAGER_PACK_THRESHOLD", "STAGER_CHUNK_SIZE", "STAGER_REPLAY_PIECES", "STAGER_GRAPHS",
     "STAGER_TRITON", "STAGER_NVTX", "STAGER_HOST_RESERVE", "STAGER_DEVICE_RESERVE",
     "STAGER_PROFILE_CHECKPOINTS", "STAGER_CHECKSUM",
 }
@@ -37,6 +38,15 @@ def test_readme_table_lists_every_variable_with_its_default() -> None:
     for name, shown in rows:
         knob = next(k for k in KNOBS if k.env == name)
         assert knob.convert(shown, name) == getattr(defaults, knob.field), name
+
+
+def test_the_config_fields_are_the_knobs_with_their_defaults_and_docs() -> None:
+    fields = [f for f in dataclasses.fields(StagerConfig) if f.name != "sources"]
+    assert [f.name for f in fields] == [k.field for k in KNOBS]
+    for f, knob in zip(fields, KNOBS):
+        assert (f.default, f.metadata["env"], f.metadata["doc"]) == (knob.default, knob.env, knob.doc)
+        assert f"``{knob.field}`` (``{knob.env}``): {knob.doc}" in (StagerConfig.__doc__ or "")
+    assert StagerConfig() == StagerConfig.resolve(environ={})
 
 
 def test_defaults() -> None:
@@ -65,7 +75,10 @@ def test_environment_is_read_from_os_environ(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("512", 512), ("64KiB", 64 << 10), ("64MiB", 64 << 20), ("1.5GiB", 3 << 29), ("2G", 2 << 30), ("8 MB", 8 << 20)],
+    [
+        ("512", 512), ("64KiB", 64 << 10), ("64MiB", 64 << 20), ("1.5GiB", 3 << 29), ("2G", 2 << 30),
+        ("8 MB", 8 << 20),
+    ],
 )
 def test_sizes(text: str, expected: int) -> None:
     assert parse_size(text) == expected
