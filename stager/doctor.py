@@ -35,11 +35,11 @@ def _triton_version() -> str:
 
 
 def _driver_version() -> str:
-    from stager import headroom
+    from stager.headroom.nvml import _NVML, nvml_status
 
-    nvml = headroom._NVML.get()
+    nvml = _NVML.get()
     if nvml is None:
-        return headroom.nvml_status()
+        return nvml_status()
     try:
         version = nvml.nvmlSystemGetDriverVersion()
         return version.decode() if isinstance(version, bytes) else str(version)
@@ -96,20 +96,21 @@ def shm_lines(shm_dir: str | None = None) -> list[str]:
         st = os.statvfs(where)
     except OSError as exc:
         return lines + [f"  not usable ({exc}); shared-memory arenas (STAGER_SHARED_MEMORY=1) would fail"]
-    lines.append(
-        f"  {format_size(st.f_bavail * st.f_frsize)} free of {format_size(st.f_blocks * st.f_frsize)} (statvfs)"
-    )
+    free, total = format_size(st.f_bavail * st.f_frsize), format_size(st.f_blocks * st.f_frsize)
+    lines.append(f"  {free} free of {total} (statvfs)")
     files = shm.scan(where)
     if not files:
         return lines + ["  no stager arena files"]
     for f in files:
         owner = "pid unknown" if f.pid is None else f"pid {f.pid}" + (" (this process)" if f.mine else "")
-        lines.append(f"  {os.path.basename(f.path)}  {format_size(f.nbytes)}, {owner}, {_SHM_STATES[f.state]}")
+        name, state = os.path.basename(f.path), _SHM_STATES[f.state]
+        lines.append(f"  {name}  {format_size(f.nbytes)}, {owner}, {state}")
     stale = [f for f in files if f.reclaimable]
     if stale:
         lines.append(
-            f"  {len(stale)} stale file(s) of {format_size(sum(f.nbytes for f in stale))} reclaimable: the next "
-            "process that creates a shared arena removes them, or run python -m stager doctor --reclaim"
+            f"  {len(stale)} stale file(s) of {format_size(sum(f.nbytes for f in stale))} reclaimable: "
+            "the next process that creates a shared arena removes them, or run "
+            "python -m stager doctor --reclaim"
         )
     else:
         lines.append("  nothing to reclaim")
@@ -177,7 +178,6 @@ def report(
     try:
         host = headroom.decide_host(
             nbytes,
-            cached_arena_free=False,
             cached_arenas=0,
             max_cached_arenas=cfg.max_arenas,
             host=reading.host,
@@ -188,14 +188,18 @@ def report(
     except StagingMemoryError as exc:
         lines.append(f"  host arena: would fail: {exc}")
     pinned = cfg.pinned is Mode.ON or (cfg.pinned is Mode.AUTO and cuda)
-    lines.append(f"  pinned: {'yes' if pinned and cuda else 'no'}; shared memory: {'yes' if cfg.shared_memory else 'no'}")
+    shared = "yes" if cfg.shared_memory else "no"
+    lines.append(f"  pinned: {'yes' if pinned and cuda else 'no'}; shared memory: {shared}")
     if reading.device is not None:
-        dev = headroom.decide_device(int(nbytes * small_fraction), cfg.chunk_size, reading.device, cfg.device_reserve)
+        small = int(nbytes * small_fraction)
+        dev = headroom.decide_device(small, cfg.chunk_size, reading.device, cfg.device_reserve)
         lines.append(f"  device: {dev.mode.value} (chunk {format_size(dev.chunk_bytes)}): {dev.reason}")
         graphs = cfg.graphs is not Mode.OFF
         lines.append(f"  executor: {'CUDA graph (capture once, then replay)' if graphs else 'eager'}")
     else:
-        lines.append("  device: none; CPU sources are copied with _foreach_copy_ (split over threads when many)")
+        lines.append(
+            "  device: none; CPU sources are copied with _foreach_copy_ (split over threads when many)"
+        )
     return lines
 
 

@@ -14,8 +14,8 @@ A reading has three parts:
   so staging GB/s can be reported as a fraction of the link.
 
 On top of the readings sit two pure decisions, testable with injected readings:
-:func:`decide_host` (reuse the cached arena, add a cached arena, stage into a fresh arena, wait
-for a lease, or raise :class:`~stager.errors.StagingMemoryError`) and :func:`decide_device`
+:func:`decide_host` (when no cached arena is free: add a cached arena, stage into a fresh arena,
+wait for a lease, or raise :class:`~stager.errors.StagingMemoryError`) and :func:`decide_device`
 (pack with the configured chunk size, pack with a shrunk chunk, or copy each region directly).
 
 Importing this module initialises neither CUDA nor NVML. NVML is initialised on first use, once,
@@ -28,21 +28,9 @@ re-reads only the numbers that change, so one :func:`read_headroom` costs tens o
 from __future__ import annotations
 
 from stager.headroom.decide import MIN_CHUNK_BYTES, decide_device, decide_host
-from stager.headroom.device import (
-    pcie_bytes_per_s,
-    read_device,
-    read_headroom,
-    read_link,
-)
-from stager.headroom.host import _LAYOUTS, _LAYOUTS_LOCK, local_world_size, read_host
-
-# _NVML: `doctor` reads the driver version through it
-from stager.headroom.nvml import (
-    _NVML,
-    nvml_device_handle,
-    nvml_status,
-    parse_visible_devices,
-)
+from stager.headroom.device import pcie_bytes_per_s, read_device, read_headroom, read_link
+from stager.headroom.host import local_world_size, read_host
+from stager.headroom.nvml import nvml_device_handle, nvml_status, parse_visible_devices
 from stager.headroom.readings import (
     DeviceDecision,
     DeviceMode,
@@ -74,11 +62,3 @@ __all__ = [
     "nvml_status",
     "pcie_bytes_per_s",
 ]
-
-
-def _clear_caches() -> None:
-    """Forget the cached cgroup layouts and NVML state (tests only)."""
-    with _LAYOUTS_LOCK:
-        _LAYOUTS.clear()
-    _NVML.reset()
-

@@ -4,7 +4,7 @@ host memory (:func:`decide_host`) and how small tensors are staged given the dev
 
 from __future__ import annotations
 
-from stager.envs import format_size
+from stager.envs import CachePolicy, LeasePolicy, format_size
 from stager.errors import StagingMemoryError
 from stager.headroom.readings import (
     DeviceDecision,
@@ -18,41 +18,35 @@ MIN_CHUNK_BYTES = 1 << 20
 """The smallest device staging chunk :func:`decide_device` shrinks to before it gives up packing."""
 
 
-# --------------------------------------------------------------------------------------------
-# Decisions (pure)
-# --------------------------------------------------------------------------------------------
-
-
 def decide_host(
     needed_bytes: int,
     *,
-    cached_arena_free: bool,
     cached_arenas: int,
     max_cached_arenas: int,
     host: HostReading,
-    cache_policy: str = "auto",
-    lease_policy: str = "allocate",
+    cache_policy: CachePolicy | str = CachePolicy.AUTO,
+    lease_policy: LeasePolicy | str = LeasePolicy.ALLOCATE,
     fresh_leased: int = 0,
+    cached_arena_free: bool = False,
 ) -> HostDecision:
     """Decide where the next staged copy of ``needed_bytes`` lives in host memory.
 
-    Inputs: whether a cached arena built for this plan is free (its staged dict released), how
-    many cached arenas exist (``cached_arenas``) and the most allowed (``STAGER_MAX_ARENAS``),
-    the host reading, the policies and how many fresh arenas are still leased (their memory
-    returns when released, so waiting for them can make room). ``cache_policy`` and
-    ``lease_policy`` take the strings (or the str-valued enums of ``stager.envs``) of
-    ``STAGER_CACHE_POLICY`` (``auto``/``cached``/``fresh``) and ``STAGER_LEASE_POLICY``
-    (``wait``/``allocate``).
+    The caller has already looked for a free cached arena (and reused it, recording
+    :attr:`HostDecision.REUSE`): this decides only when none is free. Inputs: how many cached
+    arenas exist (``cached_arenas``, all held) and the most allowed (``STAGER_MAX_ARENAS``), the
+    host reading, the policies and how many fresh arenas are still leased (their memory returns
+    when released, so waiting for them can make room). ``cache_policy`` and ``lease_policy`` are
+    :class:`~stager.envs.CachePolicy` and :class:`~stager.envs.LeasePolicy` (or their strings).
+    ``cached_arena_free`` must be False (a free arena is the caller's to reuse).
 
     Terms: *room* is ``host.available_bytes >= needed_bytes``; *margin* is room for two arenas
-    (``>= 2 * needed_bytes``); *held* is "cached arenas exist and none is free"; *leased* is
-    held, or ``fresh_leased > 0``; *below max* is ``cached_arenas < max_cached_arenas``.
+    (``>= 2 * needed_bytes``); *held* is "cached arenas exist"; *leased* is held, or
+    ``fresh_leased > 0``; *below max* is ``cached_arenas < max_cached_arenas``.
     Rows are tried top to bottom; the first that matches decides:
 
     ==============  ==========================================  ==========
     cache policy    condition                                   decision
     ==============  ==========================================  ==========
-    auto, cached    a cached arena is free                      REUSE
     auto, cached    held, lease policy ``wait``                 WAIT
     cached          below max, room                             NEW_CACHED
     auto            below max, margin                           NEW_CACHED
@@ -62,18 +56,18 @@ def decide_host(
     ==============  ==========================================  ==========
 
     Read as policies: ``fresh`` never touches cached arenas. ``cached`` uses persistent arenas
-    only: it reuses, adds one up to the maximum, waits (``wait``) or fails. ``auto`` pins an
-    arena for good only while the host keeps room for one more after it, and otherwise stages
-    into a fresh arena. ``wait`` waits for a held arena rather than allocate another (bounded by
+    only: it adds one up to the maximum, waits (``wait``) or fails. ``auto`` pins an arena for
+    good only while the host keeps room for one more after it, and otherwise stages into a fresh
+    arena. ``wait`` waits for a held arena rather than allocate another (bounded by
     ``STAGER_LEASE_TIMEOUT``, enforced by the caller); ``allocate`` never waits and fails when
-    nothing can be allocated. A REUSE or WAIT needs no new memory (existing arenas are already
-    counted in the reading).
+    nothing can be allocated. A WAIT needs no new memory (existing arenas are already counted in
+    the reading).
 
     Raises :class:`~stager.errors.StagingMemoryError` naming the bytes needed and available, the
     source of the figure (file and values), and the knobs that would change the outcome.
     """
-    cache_policy = str(getattr(cache_policy, "value", cache_policy))
-    lease_policy = str(getattr(lease_policy, "value", lease_policy))
+    cache_policy = CachePolicy(cache_policy)
+    lease_policy = LeasePolicy(lease_policy)
     if needed_bytes < 0:
         raise ValueError(f"needed_bytes must be >= 0, got {needed_bytes}")
     if cached_arenas < 0 or max_cached_arenas < 0 or fresh_leased < 0:
@@ -81,26 +75,24 @@ def decide_host(
             f"arena counts must be >= 0, got cached_arenas={cached_arenas}, "
             f"max_cached_arenas={max_cached_arenas}, fresh_leased={fresh_leased}"
         )
-    if cached_arena_free and cached_arenas == 0:
-        raise ValueError("cached_arena_free=True but cached_arenas=0: no cached arena exists")
+    if cached_arena_free:
+        raise ValueError("cached_arena_free=True: reuse the free cached arena instead of deciding")
 
     available = host.available_bytes
     room = available >= needed_bytes
     margin = available >= 2 * needed_bytes
     below_max = cached_arenas < max_cached_arenas
-    wait = lease_policy == "wait"
-    uses_cache = cache_policy != "fresh"
-    held = uses_cache and cached_arenas > 0 and not cached_arena_free
+    wait = lease_policy is LeasePolicy.WAIT
+    uses_cache = cache_policy is not CachePolicy.FRESH
+    held = uses_cache and cached_arenas > 0
     leased = held or fresh_leased > 0
 
     if uses_cache:
-        if cached_arena_free:
-            return HostDecision.REUSE
         if held and wait:
             return HostDecision.WAIT
-        if below_max and (room if cache_policy == "cached" else margin):
+        if below_max and (room if cache_policy is CachePolicy.CACHED else margin):
             return HostDecision.NEW_CACHED
-    if cache_policy != "cached" and room:
+    if cache_policy is not CachePolicy.CACHED and room:
         return HostDecision.FRESH
     if leased and wait:
         return HostDecision.WAIT
@@ -113,7 +105,7 @@ def decide_host(
             "set STAGER_LEASE_POLICY=wait to wait for a leased arena to be released (for up to "
             "STAGER_LEASE_TIMEOUT seconds)"
         )
-    if cache_policy == "cached":
+    if cache_policy is CachePolicy.CACHED:
         if room and not below_max:
             knobs.append(
                 f"raise STAGER_MAX_ARENAS (now {max_cached_arenas}) or set "
@@ -129,10 +121,9 @@ def decide_host(
     if not room:
         knobs.append("give the process more memory (container limit, fewer ranks per host)")
     arenas = (
-        f"{cached_arenas} cached arena(s) of at most {max_cached_arenas}, "
-        + ("one free" if cached_arena_free else "none free")
-        + f", {fresh_leased} fresh arena(s) leased; cache policy {cache_policy!r}, "
-        f"lease policy {lease_policy!r}"
+        f"{cached_arenas} cached arena(s) of at most {max_cached_arenas}, none free, "
+        f"{fresh_leased} fresh arena(s) leased; cache policy {cache_policy.value!r}, "
+        f"lease policy {lease_policy.value!r}"
     )
     figure = (
         f"{format_size(available)} is available to this rank (source: {host.source}; host-wide "

@@ -11,10 +11,6 @@ from stager.headroom.host import read_host
 from stager.headroom.nvml import _NVML, _cached_handle, nvml_status
 from stager.headroom.readings import DeviceReading, Headroom, LinkInfo
 
-# --------------------------------------------------------------------------------------------
-# Device
-# --------------------------------------------------------------------------------------------
-
 
 def _allocator_slack(index: int) -> int:
     """Bytes PyTorch's caching allocator holds reserved but unallocated on ``index``."""
@@ -91,10 +87,6 @@ def read_device(device: int | torch.device | str) -> DeviceReading | None:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Link
-# --------------------------------------------------------------------------------------------
-
 # generation: (GT/s per lane, payload bits per transferred bit). Gen1-2 use 8b/10b, gen3-5
 # 128b/130b; gen6 is PAM4 with FLIT mode and no line code (1b/1b; FEC/CRC are protocol
 # overhead, not counted here, like TLP headers for the older generations).
@@ -161,11 +153,6 @@ def read_link(device: int | torch.device | str) -> LinkInfo | None:
     return LinkInfo(
         gen=gen, width=width, bytes_per_s=bandwidth, curr_gen=curr_gen, curr_width=curr_width
     )
-
-
-# --------------------------------------------------------------------------------------------
-# One reading
-# --------------------------------------------------------------------------------------------
 
 
 def read_headroom(

@@ -25,11 +25,6 @@ _V1_UNLIMITED = 1 << 62
 _READ_CHUNK = 1 << 16
 
 
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
-
-
 def _read_bytes(path: str) -> bytes:
     """Whole (small) file, with one open and as few reads as it takes; raises OSError."""
     fd = os.open(path, os.O_RDONLY)
@@ -70,11 +65,6 @@ def _under(root: str, path: str) -> str:
     if root in ("", "/"):
         return path
     return os.path.join(root, path.lstrip("/"))
-
-
-# --------------------------------------------------------------------------------------------
-# Host: cgroup discovery (once per root) and reading (every call)
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,6 @@ import os
 import threading
 from typing import Any
 
-# --------------------------------------------------------------------------------------------
-# NVML: lazy, once, under a lock
-# --------------------------------------------------------------------------------------------
-
 
 class _NvmlState:
     """NVML's module once initialised, or the reason it is unavailable; decided once."""

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Iterable
 
 from stager.envs import format_size
 
-# --------------------------------------------------------------------------------------------
-# Data types
-# --------------------------------------------------------------------------------------------
+
+def _lines(head: str, facts: Iterable[tuple[str, object]]) -> list[str]:
+    """``head``, then an indented ``label: value`` line for every fact whose value is not None."""
+    return [head] + [f"  {label}: {value}" for label, value in facts if value is not None]
+
+
+def _size(nbytes: int | None) -> str | None:
+    return None if nbytes is None else format_size(nbytes)
 
 
 @dataclass(frozen=True)
@@ -49,18 +55,17 @@ class HostReading:
 
     def describe(self) -> list[str]:
         """Lines for ``doctor``: the per-rank figure first, then every input to it."""
-        lines = [
-            f"host: {format_size(self.available_bytes)} available to this rank "
-            f"(bound by {self.source})",
-            f"  host-wide limit: {format_size(self.limit_bytes)}",
-            f"  meminfo: {self.meminfo_source}",
-            f"  cgroup: {self.cgroup_source}",
-            f"  ranks per host: {self.ranks_per_host} ({self.ranks_source})",
-            f"  reserve per rank: {format_size(self.reserve_bytes)} (STAGER_HOST_RESERVE)",
-        ]
-        if self.shm_source is not None:
-            lines.append(f"  shared memory: {self.shm_source}")
-        return lines
+        return _lines(
+            f"host: {format_size(self.available_bytes)} available to this rank (bound by {self.source})",
+            [
+                ("host-wide limit", format_size(self.limit_bytes)),
+                ("meminfo", self.meminfo_source),
+                ("cgroup", self.cgroup_source),
+                ("ranks per host", f"{self.ranks_per_host} ({self.ranks_source})"),
+                ("reserve per rank", f"{format_size(self.reserve_bytes)} (STAGER_HOST_RESERVE)"),
+                ("shared memory", self.shm_source),
+            ],
+        )
 
 
 @dataclass(frozen=True)
@@ -86,21 +91,16 @@ class DeviceReading:
 
     def describe(self) -> list[str]:
         """Lines for ``doctor``."""
-        lines = [
-            f"device cuda:{self.index}: {format_size(self.free_bytes)} free for staging "
-            f"({self.source})",
-            f"  physical device: {self.physical}",
-        ]
-        if self.nvml_free is not None:
-            lines.append(f"  NVML free: {format_size(self.nvml_free)}")
-        lines.append(
-            f"  allocator slack (reserved - allocated): {format_size(self.allocator_slack)}"
+        return _lines(
+            f"device cuda:{self.index}: {format_size(self.free_bytes)} free for staging ({self.source})",
+            [
+                ("physical device", self.physical),
+                ("NVML free", _size(self.nvml_free)),
+                ("allocator slack (reserved - allocated)", format_size(self.allocator_slack)),
+                ("total", _size(self.total_bytes)),
+                ("note", self.note or None),
+            ],
         )
-        if self.total_bytes is not None:
-            lines.append(f"  total: {format_size(self.total_bytes)}")
-        if self.note:
-            lines.append(f"  note: {self.note}")
-        return lines
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,8 @@ class HostDecision(str, enum.Enum):
     """Where the next staged copy lives in host memory (see :func:`decide_host`)."""
 
     REUSE = "reuse"
-    """Reuse the cached arena: it is free (its last staged dict was released)."""
+    """Reuse a free cached arena (its last staged dict was released). The stager takes a free one
+    before it decides, so :func:`decide_host` never returns this."""
     NEW_CACHED = "new_cached"
     """Allocate another cached (persistent, pinned) arena."""
     FRESH = "fresh"
