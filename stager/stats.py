@@ -1,17 +1,58 @@
-"""``StageStats``: what one ``stage()`` call did and how long it took."""
+"""``StageStats``: what one ``stage()`` call did and how long it took, and the string-valued enums
+of its modes (:class:`Executor`, :class:`DevicePath`, :class:`ArenaSource`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["StageStats", "record", "latest"]
+__all__ = ["ArenaSource", "DevicePath", "Executor", "StageStats", "record", "latest"]
 
 log = logging.getLogger("stager")
 
 _latest: "StageStats | None" = None
+
+
+class _Label(str, enum.Enum):
+    """A string-valued mode that is its string everywhere: ``==``, hash (dict keys), f-strings."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    __hash__ = str.__hash__
+
+
+class Executor(_Label):
+    """What ran the copies of a call (:attr:`StageStats.executor`)."""
+
+    CPU = "cpu"  # CPU sources, copied on the host
+    EAGER = "eager"  # the device staging program, run op by op
+    GRAPH_CAPTURE = "graph-capture"  # the device staging program, captured as a CUDA graph in this call
+    GRAPH_REPLAY = "graph-replay"  # a CUDA graph captured earlier, replayed
+    RESTORE_CPU = "restore-cpu"  # a restore of CPU targets
+    RESTORE_UNPACK = "restore-unpack"  # a restore onto a device, unpacked there
+
+
+class DevicePath(_Label):
+    """How the regions of a call travelled (:attr:`StageStats.device_path`)."""
+
+    CPU = "cpu"  # CPU sources (or targets): no device involved
+    PACKED = "packed"  # small regions packed into device chunks (Triton), the rest copied directly
+    DIRECT = "direct"  # every region copied straight to (or from) its arena slot
+    UNPACK = "unpack"  # a restore onto a device, unpacked there
+
+
+class ArenaSource(_Label):
+    """Which host arena a call staged into (:attr:`StageStats.arena`)."""
+
+    NONE = ""  # no arena was taken (a restore)
+    CACHED = "cached"  # a free persistent arena, reused
+    CACHED_AFTER_WAIT = "cached after wait"  # a persistent arena, reused once its holder released it
+    NEW_CACHED = "new-cached"  # a new persistent arena
+    FRESH = "fresh"  # an arena for this call only, freed when its staged dict is released
 
 
 @dataclass
@@ -29,14 +70,14 @@ class StageStats:
     """Tensor leaves in the state dict."""
     regions: int = 0
     """Distinct source storage spans copied."""
-    arena: str = ""
-    """Host arena used: ``cached`` (reused), ``new-cached``, ``fresh``, after ``wait`` if it waited."""
+    arena: ArenaSource = ArenaSource.NONE
+    """Host arena used (:class:`ArenaSource`)."""
     host_decision: str = ""
     """The headroom decision behind ``arena`` (see ``stager.headroom``)."""
-    device_path: str = "cpu"
-    """``cpu`` (CPU sources), ``packed`` (Triton pack into device chunks) or ``direct``."""
-    executor: str = "cpu"
-    """``cpu``, ``eager``, ``graph-capture`` or ``graph-replay``."""
+    device_path: DevicePath = DevicePath.CPU
+    """How the regions travelled (:class:`DevicePath`)."""
+    executor: Executor = Executor.CPU
+    """What ran the copies (:class:`Executor`)."""
     replanned: bool = False
     """Whether this call built a new plan (first call, or the state dict changed)."""
     blocked_s: float = 0.0
