@@ -38,7 +38,9 @@ def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 @pytest.mark.parametrize("iters", ["0", "-1"])
-def test_bench_refuses_iters_below_one(iters: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_refuses_iters_below_one(
+    iters: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(bench, "run", _no_run)
     line = _usage_error(["bench", "--iters", iters], capsys)
     assert line.startswith("python -m stager bench: error: --iters") and ">= 1" in line

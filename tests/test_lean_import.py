@@ -14,10 +14,13 @@ import sys
 def test_import_is_lean() -> None:
     code = (
         "import json, sys, torch, stager\n"
-        "print(json.dumps({'triton': 'triton' in sys.modules, 'nvml_loaded': getattr(sys.modules.get('pynvml'), 'nvmlLib', None) is not None,"
+        "print(json.dumps({'triton': 'triton' in sys.modules,"
+        " 'nvml_loaded': getattr(sys.modules.get('pynvml'), 'nvmlLib', None) is not None,"
         " 'cuda_initialized': torch.cuda.is_initialized(),"
         " 'kernels': 'stager.kernels.pack' in sys.modules}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert loaded == {"triton": False, "nvml_loaded": False, "cuda_initialized": False, "kernels": False}
