@@ -6,23 +6,9 @@ happen lazily on first use.
 
 from __future__ import annotations
 
+from stager import errors as _errors
 from stager.config import StagerConfig
-from stager.errors import (
-    CheckpointWriteError,
-    IntegrityError,
-    LeaseTimeoutError,
-    PartnerFailedError,
-    RegionTableError,
-    ReplicationError,
-    ReplicationTimeoutError,
-    RestoreMismatchError,
-    SourceModifiedError,
-    StagerClosedError,
-    StagerConfigError,
-    StagerError,
-    StagingInputError,
-    StagingMemoryError,
-)
+from stager.errors import *  # noqa: F403 (every class of stager.errors is public here too)
 from stager.stager import GraphStager, HostBytes
 from stager.stats import StageStats
 from stager.wrap import WrapHandle, load_checkpoint, wrap
@@ -31,25 +17,12 @@ __all__ = [
     "GraphStager",
     "StagerConfig",
     "StageStats",
-    "StagerError",
-    "StagingInputError",
-    "StagerConfigError",
-    "StagingMemoryError",
-    "LeaseTimeoutError",
-    "StagerClosedError",
-    "SourceModifiedError",
     "HostBytes",
-    "RegionTableError",
     "wrap",
     "WrapHandle",
     "load_checkpoint",
-    "CheckpointWriteError",
-    "IntegrityError",
-    "RestoreMismatchError",
-    "ReplicationError",
-    "ReplicationTimeoutError",
-    "PartnerFailedError",
 ]
+__all__ += _errors.__all__
 
 
 def __getattr__(name: str) -> object:

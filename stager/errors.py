@@ -20,6 +20,7 @@ __all__ = [
     "StagingMemoryError",
     "LeaseTimeoutError",
     "StagerClosedError",
+    "SourceModifiedError",
     "RegionTableError",
     "RestoreMismatchError",
     "CheckpointWriteError",
