@@ -7,11 +7,12 @@ happen lazily on first use.
 from __future__ import annotations
 
 from stager import errors as _errors
+from stager.checkpoint import load_checkpoint
 from stager.config import StagerConfig
 from stager.errors import *  # noqa: F403 (every class of stager.errors is public here too)
 from stager.stager import GraphStager, HostBytes
 from stager.stats import StageStats
-from stager.wrap import WrapHandle, load_checkpoint, wrap
+from stager.wrap import WrapHandle, wrap
 
 __all__ = [
     "GraphStager",

@@ -35,110 +35,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from stager.tree import leaves
+from stager.checkpoint import checkpoint_layout
+from stager.demo_model import SIZES, make_model, train_step
+from stager.tree import leaves, tensors_in
 
-__all__ = ["TinyLM", "SIZES", "make_batch", "main"]
+__all__ = ["main", "range_times"]
 
-# name -> (layers, d_model, heads, vocab, seq, batch)
-SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
-    "tiny": (2, 64, 4, 256, 32, 8),
-    "small": (4, 128, 4, 1024, 64, 8),
-    "large": (8, 1024, 16, 16384, 256, 8),
-}
 _EXTRA_STEPS = 3  # steps trained past the last checkpoint before the in-memory restore
 _TRACE_CHECKPOINTS = 3  # checkpoints (one training step each) recorded by --trace
-
-
-# ------------------------------------------------------------------------------------ the model
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.norm2 = nn.LayerNorm(d)
-        self.up = nn.Linear(d, 4 * d)
-        self.down = nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        # (b, t, 3d) -> 3 x (b, heads, t, d/heads)
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(a)
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
-
-
-class TinyLM(nn.Module):
-    """A small pre-norm decoder-only transformer with tied embeddings.
-
-    It has a persistent buffer that every forward updates in place (``tokens_seen``), so the
-    checkpoint holds parameters, tied parameters, buffers and optimizer state.
-    """
-
-    def __init__(self, layers: int, d: int, heads: int, vocab: int, seq: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        self.pos = nn.Parameter(torch.randn(seq, d) * 0.02)
-        self.blocks = nn.ModuleList(_Block(d, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.embed.weight
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.int64))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        self.tokens_seen += idx.numel()
-        x = self.embed(idx) + self.pos[: idx.shape[1]]
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-
-def make_batch(step: int, batch: int, seq: int, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequences ``x[t+1] = (a * x[t] + b) mod vocab`` with random ``a``, ``b`` per row; deterministic per step."""
-    g = torch.Generator().manual_seed(10_000 + step)
-    a = torch.randint(1, 8, (batch, 1), generator=g) * 2 - 1
-    b = torch.randint(0, vocab, (batch, 1), generator=g)
-    x = torch.empty(batch, seq + 1, dtype=torch.int64)
-    x[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
-    for t in range(seq):
-        x[:, t + 1] = (a[:, 0] * x[:, t] + b[:, 0]) % vocab
-    x = x.to(device)
-    return x[:, :-1], x[:, 1:]
-
-
-def _make(size: str, device: torch.device, seed: int) -> tuple[TinyLM, torch.optim.Optimizer]:
-    layers, d, heads, vocab, seq, _ = SIZES[size]
-    torch.manual_seed(seed)
-    model = TinyLM(layers, d, heads, vocab, seq).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    return model, opt
-
-
-def _train_step(model: TinyLM, opt: torch.optim.Optimizer, step: int, size: str, device: torch.device) -> torch.Tensor:
-    _, _, _, vocab, seq, batch = SIZES[size]
-    x, y = make_batch(step, batch, seq, vocab, device)
-    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
+_DEVICES = "cpu, cuda or cuda:N"
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
-
-
-def _layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optim": opt.state_dict()}
 
 
 def _differences(got: Any, want: Any) -> list[str]:
@@ -147,16 +59,13 @@ def _differences(got: Any, want: Any) -> list[str]:
     bad = sorted(set(g) ^ set(w))
     for k in sorted(set(g) & set(w)):
         a, b = g[k], w[k]
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            same = a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
         else:
-            same = a == b
+            same = not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
         if not same:
             bad.append(k)
     return bad
-
-
-# ------------------------------------------------------------------------------------ progress
 
 
 class _Bar:
@@ -182,9 +91,6 @@ class _Bar:
         sys.stderr.flush()
 
 
-# ------------------------------------------------------------------------------------ one run
-
-
 @dataclass
 class _Run:
     label: str
@@ -205,13 +111,18 @@ class _Run:
         window = [s for s in (ckpt, ckpt + 1) if s <= len(self.step_s)]
         return sum(self.step_s[s - 1] for s in window) - len(window) * self.median_step()
 
+    def check(self, name: str, bad: list[str], passed: str = "bit-exact") -> None:
+        """Record a check that passed when ``bad`` (the key paths that differ) is empty."""
+        detail = passed if not bad else f"{len(bad)} entries differ, first {bad[0]}"
+        self.checks.append((name, not bad, detail))
+
 
 def _train(
     label: str,
     args: argparse.Namespace,
     device: torch.device,
     root: Path,
-    checkpoint: Callable[[nn.Module, torch.optim.Optimizer, Path], None],
+    checkpoint: Callable[[Path], object],
     model: nn.Module,
     opt: torch.optim.Optimizer,
 ) -> _Run:
@@ -220,11 +131,11 @@ def _train(
     last_ckpt = args.steps // args.every * args.every
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
-        loss = _train_step(model, opt, step, args.size, device)
+        loss = train_step(model, opt, step, args.size, device)
         if step % args.every == 0:
             path = root / label / f"step-{step:06d}"
             tb = time.perf_counter()
-            checkpoint(model, opt, path)
+            checkpoint(path)
             run.blocked_s.append(time.perf_counter() - tb)
             run.ckpt_steps.append(step)
             run.last_path = path
@@ -232,7 +143,7 @@ def _train(
         run.step_s.append(time.perf_counter() - t0)
         run.losses.append(float(loss))
         if step == last_ckpt:
-            run.snapshot = copy.deepcopy(_layout(model, opt))
+            run.snapshot = copy.deepcopy(checkpoint_layout(model, opt))
         bar.update(step, run.losses[-1], 1e3 * run.step_s[-1])
     return run
 
@@ -242,15 +153,14 @@ def _check_load(run: _Run, args: argparse.Namespace, device: torch.device) -> No
 
     if run.last_path is None:
         return
-    model, opt = _make(args.size, device, args.seed + 1)
+    model, opt = make_model(args.size, device, args.seed + 1)
     stager.load_checkpoint(run.last_path, model, opt)
-    bad = _differences(_layout(model, opt), run.snapshot)
-    step = run.ckpt_steps[-1]
-    detail = "bit-exact" if not bad else f"{len(bad)} entries differ, first {bad[0]}"
-    run.checks.append((f"dcp.load of the last {run.label} checkpoint (step {step}) into a fresh model", not bad, detail))
+    name = f"dcp.load of the last {run.label} checkpoint (step {run.ckpt_steps[-1]}) into a fresh model"
+    run.check(name, _differences(checkpoint_layout(model, opt), run.snapshot))
 
 
-# ------------------------------------------------------------------------------------ report
+def _unit(device: torch.device) -> str:
+    return "CPU" if device.type == "cpu" else "GPU"
 
 
 def _device_line(device: torch.device) -> str:
@@ -259,27 +169,32 @@ def _device_line(device: torch.device) -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+def _row(label: str, *cells: float) -> str:
+    """A line of the per-checkpoint table: blocked and inflation seconds of each run, in ms."""
+    wrap_b, wrap_i, dflt_b, dflt_i = (1e3 * c for c in cells)
+    return f"{label:>11} | {wrap_b:>12.2f} {wrap_i:>+10.2f} | {dflt_b:>21.2f} {dflt_i:>+10.2f}"
+
+
 def _report(runs: list[_Run], device: torch.device, out: Callable[[str], None]) -> None:
-    unit = "CPU" if device.type == "cpu" else "GPU"
     wrap_run, dflt = runs
     out("")
-    out(f"per checkpoint ({unit} numbers; ms):")
-    head = f"{'ckpt':>4} {'step':>6} | {'wrap blocked':>12} {'inflation':>10} | {'DefaultStager blocked':>21} {'inflation':>10}"
+    out(f"per checkpoint ({_unit(device)} numbers; ms):")
+    head = (
+        f"{'ckpt':>4} {'step':>6} | {'wrap blocked':>12} {'inflation':>10} | "
+        f"{'DefaultStager blocked':>21} {'inflation':>10}"
+    )
     out(head)
     out("-" * len(head))
     for i, step in enumerate(wrap_run.ckpt_steps):
-        out(
-            f"{i + 1:>4} {step:>6} | {1e3 * wrap_run.blocked_s[i]:>12.2f} {1e3 * wrap_run.inflation(step):>+10.2f} | "
-            f"{1e3 * dflt.blocked_s[i]:>21.2f} {1e3 * dflt.inflation(step):>+10.2f}"
-        )
+        cells = (wrap_run.blocked_s[i], wrap_run.inflation(step), dflt.blocked_s[i], dflt.inflation(step))
+        out(_row(f"{i + 1:>4} {step:>6}", *cells))
     if wrap_run.ckpt_steps:
         out("-" * len(head))
         med = statistics.median
-        out(
-            f"{'median':>11} | {1e3 * med(wrap_run.blocked_s):>12.2f} "
-            f"{1e3 * med(wrap_run.inflation(s) for s in wrap_run.ckpt_steps):>+10.2f} | "
-            f"{1e3 * med(dflt.blocked_s):>21.2f} {1e3 * med(dflt.inflation(s) for s in dflt.ckpt_steps):>+10.2f}"
-        )
+        out(_row(
+            "median", med(wrap_run.blocked_s), med(wrap_run.inflation(s) for s in wrap_run.ckpt_steps),
+            med(dflt.blocked_s), med(dflt.inflation(s) for s in dflt.ckpt_steps),
+        ))
     out(
         f"median step without a checkpoint: wrap {1e3 * wrap_run.median_step():.2f} ms, "
         f"DefaultStager {1e3 * dflt.median_step():.2f} ms"
@@ -287,7 +202,10 @@ def _report(runs: list[_Run], device: torch.device, out: Callable[[str], None]) 
     out("blocked: time checkpoint() / dcp.async_save() kept the training loop waiting (wrap's first")
     out("  checkpoint also builds the plan and allocates the host arena, once per run).")
     out("inflation: (the checkpoint's step + the next step) - 2 x the median step without a checkpoint;")
-    out("  the next step is where wrap's optimizer step waits for staging, and where a background write competes.")
+    out(
+        "  the next step is where wrap's optimizer step waits for staging, and where a background write "
+        "competes."
+    )
 
 
 def _plot(path: str, runs: list[_Run], device: torch.device) -> None:
@@ -299,18 +217,14 @@ def _plot(path: str, runs: list[_Run], device: torch.device) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for run, marker in zip(runs, "os"):
         ax.plot(run.ckpt_steps, [1e3 * b for b in run.blocked_s], marker=marker, label=run.label)
-    unit = "CPU" if device.type == "cpu" else "GPU"
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"blocked time ({unit} numbers, ms)")
+    ax.set_ylabel(f"blocked time ({_unit(device)} numbers, ms)")
     ax.set_title(f"stager demo: blocked time per checkpoint, {_device_line(device)}")
     ax.set_ylim(bottom=0)
     ax.legend()
-    fig.tight_layout()
+    fig.tightcheckpoint_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------ trace
 
 
 def range_times(trace_path: str | Path, prefix: str = "stager/") -> dict[str, tuple[int, float]]:
@@ -330,7 +244,9 @@ def range_times(trace_path: str | Path, prefix: str = "stager/") -> dict[str, tu
     return times
 
 
-def _trace(path: str, args: argparse.Namespace, device: torch.device, root: Path, out: Callable[[str], None]) -> None:
+def _trace(
+    path: str, args: argparse.Namespace, device: torch.device, root: Path, out: Callable[[str], None]
+) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import stager
@@ -343,23 +259,25 @@ def _trace(path: str, args: argparse.Namespace, device: torch.device, root: Path
         kwargs["experimental_config"] = _ExperimentalConfig(profile_all_threads=True)
     except (ImportError, TypeError):  # pragma: no cover - an older torch: the caller's thread only
         pass
-    model, opt = _make(args.size, device, args.seed)
+    model, opt = make_model(args.size, device, args.seed)
     handle = stager.wrap(model, opt, nvtx=True)
     try:
         with profile(activities=activities, **kwargs) as prof:
             for i in range(1, _TRACE_CHECKPOINTS + 1):
-                _train_step(model, opt, i, args.size, device)
+                train_step(model, opt, i, args.size, device)
                 handle.checkpoint(root / "trace" / f"ckpt-{i}")
-            _train_step(model, opt, _TRACE_CHECKPOINTS + 1, args.size, device)  # waits for the last staging
+            train_step(model, opt, _TRACE_CHECKPOINTS + 1, args.size, device)  # waits for the last staging
             handle.wait()
             _sync(device)
     finally:
         handle.close()
     prof.export_chrome_trace(path)
     times = range_times(path)
-    unit = "CPU" if device.type == "cpu" else "GPU"
     out("")
-    out(f"trace of {_TRACE_CHECKPOINTS} checkpoints: {path} (open it in Perfetto); time per stager/* range ({unit} numbers):")
+    out(
+        f"trace of {_TRACE_CHECKPOINTS} checkpoints: {path} (open it in Perfetto); time per stager/* range "
+        f"({_unit(device)} numbers):"
+    )
     head = f"{'range':<16} {'count':>5} {'total ms':>10} {'mean ms':>9}"
     out(head)
     out("-" * len(head))
@@ -367,9 +285,6 @@ def _trace(path: str, args: argparse.Namespace, device: torch.device, root: Path
         out(f"{name:<16} {count:>5} {1e3 * total:>10.3f} {1e3 * total / count:>9.3f}")
     if not times:
         out("(no stager/* range in the trace)")
-
-
-# ------------------------------------------------------------------------------------ main
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -383,13 +298,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     p.add_argument("--every", type=int, default=50, help="checkpoint every N steps (default 50)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
-    p.add_argument("--size", choices=sorted(SIZES), default=None, help="model size (default: small on CPU, large on GPU)")
-    p.add_argument("--dir", default=None, help="where checkpoints go (default: a temporary directory, removed)")
-    p.add_argument("--plot", default=None, metavar="FILE.png", help="draw blocked time per checkpoint (needs matplotlib)")
-    p.add_argument("--trace", default=None, metavar="FILE.json",
-                   help="also record a few checkpoints with torch.profiler (stager/* ranges on), write the trace "
-                   "(open it in Perfetto) and print the time per stager/* range")
+    p.add_argument("--device", default="auto", help=f"auto (cuda when available), {_DEVICES}")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default=None,
+        help="model size (default: small on CPU, large on GPU)",
+    )
+    p.add_argument(
+        "--dir", default=None, help="where checkpoints go (default: a temporary directory, removed)"
+    )
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="draw blocked time per checkpoint (needs matplotlib)"
+    )
+    p.add_argument(
+        "--trace", default=None, metavar="FILE.json",
+        help="also record a few checkpoints with torch.profiler (stager/* ranges on), write the trace "
+        "(open it in Perfetto) and print the time per stager/* range",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -399,47 +323,50 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device: torch.device | None = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"error: --device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {name!r}: expected auto, cpu, cuda or cuda:N")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {name!r}: expected auto, {_DEVICES}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available; use --device cpu")
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns 0 when every check passed, 1 when one failed, 2 on bad usage."""
-    args = _parser().parse_args(argv)
-    if args.steps < 1 or args.every < 1:
-        print("error: --steps and --every must be >= 1", file=sys.stderr)
-        return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(
-                "error: --plot needs matplotlib, which is not installed; "
-                "pip install 'stager[plot]' (or pip install matplotlib), or drop --plot",
-                file=sys.stderr,
-            )
-            return 2
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments or the environment, found before anything trains."""
     from stager._cli import unusable_directory, unwritable_file
     from stager.config import StagerConfig
     from stager.errors import StagerConfigError
 
+    if args.steps < 1 or args.every < 1:
+        return "--steps and --every must be >= 1"
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return (
+                "--plot needs matplotlib, which is not installed; "
+                "pip install 'stager[plot]' (or pip install matplotlib), or drop --plot"
+            )
     try:
         StagerConfig.resolve()  # a bad STAGER_* value stops the demo before it trains
     except StagerConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return str(exc)
     # Paths written at the end of the run are checked before it starts.
     if args.plot and (problem := unwritable_file(args.plot)):
-        print(f"error: --plot {args.plot!r} {problem}", file=sys.stderr)
-        return 2
+        return f"--plot {args.plot!r} {problem}"
     if args.dir is not None and (problem := unusable_directory(args.dir)):
-        print(f"error: --dir {args.dir!r} {problem}", file=sys.stderr)
+        return f"--dir {args.dir!r} {problem}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns 0 when every check passed, 1 when one failed, 2 on bad usage."""
+    args = _parser().parse_args(argv)
+    problem = _usage_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     device = _resolve_device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -461,55 +388,58 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
 
     out = print
     layers, d, heads, vocab, seq, batch = SIZES[args.size]
-    model, opt = _make(args.size, device, args.seed)
-    _train_step(model, opt, 0, args.size, device)  # creates the optimizer state, to size it
-    tensors = dict(leaves(_layout(model, opt)))
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
-    n_tensors = sum(isinstance(t, torch.Tensor) for t in tensors.values())
+    model, opt = make_model(args.size, device, args.seed)
+    train_step(model, opt, 0, args.size, device)  # creates the optimizer state, to size it
+    tensors = tensors_in(checkpoint_layout(model, opt))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
     n_params = sum(p.numel() for p in model.parameters())
-    del model, opt, tensors
     out(f"stager demo on {_device_line(device)}, torch {torch.__version__}")
     out(
-        f"model: {args.size} transformer, {layers} layers, d_model {d}, vocab {vocab}, ~{n_params / 1e6:.1f}M params; "
-        f"checkpoint {nbytes / 2**20:.1f} MiB in {n_tensors} tensors (model + AdamW state)"
+        f"model: {args.size} transformer, {layers} layers, d_model {d}, vocab {vocab}, "
+        f"~{n_params / 1e6:.1f}M params; checkpoint {nbytes / 2**20:.1f} MiB in {len(tensors)} tensors "
+        "(model + AdamW state)"
     )
+    del model, opt, tensors
     out(f"{args.steps} steps per run, a checkpoint every {args.every} steps, into {root}")
     if device.type == "cpu":
-        out("CPU run: staging is synchronous on the CPU (there is no side stream); the writes run in the background.")
+        out(
+            "CPU run: staging is synchronous on the CPU (there is no side stream); the writes run in the "
+            "background."
+        )
 
     # Process-wide one-time costs (DCP's lazy imports, its writer machinery) are paid here, by
     # neither run, so that the first checkpoint of each run costs only what that run does.
     dcp.async_save({"warm-up": torch.zeros(1)}, checkpoint_id=root / "warm-up", no_dist=True).result()
 
     # Run 1: stager.wrap.
-    model, opt = _make(args.size, device, args.seed)
+    model, opt = make_model(args.size, device, args.seed)
     handle = stager.wrap(model, opt)
-    checkpoint = handle.checkpoint
     try:
-        run_wrap = _train("wrap", args, device, root, lambda m, o, p: checkpoint(p), model, opt)
+        run_wrap = _train("wrap", args, device, root, handle.checkpoint, model, opt)
         handle.wait()
         if run_wrap.snapshot is not None:
             for step in range(args.steps + 1, args.steps + 1 + _EXTRA_STEPS):
-                _train_step(model, opt, step, args.size, device)
+                train_step(model, opt, step, args.size, device)
             t0 = time.perf_counter()
             handle.restore()
             restore_ms = 1e3 * (time.perf_counter() - t0)
-            bad = _differences(_layout(model, opt), run_wrap.snapshot)
-            detail = f"bit-exact, {restore_ms:.2f} ms" if not bad else f"{len(bad)} entries differ, first {bad[0]}"
-            run_wrap.checks.append(
-                (f"in-memory restore to step {run_wrap.ckpt_steps[-1]} after {_EXTRA_STEPS} more steps", not bad, detail)
+            run_wrap.check(
+                f"in-memory restore to step {run_wrap.ckpt_steps[-1]} after {_EXTRA_STEPS} more steps",
+                _differences(checkpoint_layout(model, opt), run_wrap.snapshot),
+                f"bit-exact, {restore_ms:.2f} ms",
             )
     finally:
         handle.close()
-    del model, opt, handle, checkpoint
+    del model, opt, handle
 
     # Run 2: dcp.async_save with DCP's default stager.
-    model, opt = _make(args.size, device, args.seed)
+    model, opt = make_model(args.size, device, args.seed)
     default = DefaultStager(StagingOptions(False, False, False, False))
     uploads: list[Any] = []
 
-    def save_default(m: nn.Module, o: torch.optim.Optimizer, path: Path) -> None:
-        uploads.append(dcp.async_save(_layout(m, o), checkpoint_id=path, async_stager=default, no_dist=True))
+    def save_default(path: Path, m: nn.Module = model, o: torch.optim.Optimizer = opt) -> None:
+        state = checkpoint_layout(m, o)
+        uploads.append(dcp.async_save(state, checkpoint_id=path, async_stager=default, no_dist=True))
 
     try:
         run_dflt = _train("DefaultStager", args, device, root, save_default, model, opt)
@@ -517,7 +447,7 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
             getattr(f, "upload_completion", f).result()
     finally:
         default.close()
-    del model, opt
+    del model, opt, save_default
 
     runs = [run_wrap, run_dflt]
     _report(runs, device, out)
@@ -532,7 +462,10 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
             ok &= passed
             out(f"  {'PASS' if passed else 'FAIL'}  {name}: {detail}")
     same = run_wrap.losses == run_dflt.losses
-    out(f"  info  loss sequence identical in both runs (checkpointing did not change training): {'yes' if same else 'no'}")
+    out(
+        "  info  loss sequence identical in both runs (checkpointing did not change training): "
+        f"{'yes' if same else 'no'}"
+    )
     if args.plot:
         _plot(args.plot, runs, device)
         out(f"plot: {args.plot}")

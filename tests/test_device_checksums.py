@@ -255,7 +255,7 @@ def _plans_split(monkeypatch: pytest.MonkeyPatch, on_cpu: str = "\0") -> None:
 def device_stager(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A factory of GraphStagers with ``checksum=on`` whose cuda:0 copier is the CPU fake, and a
     record of which regions the CPU checksum pass hashed while staging."""
-    import stager.integrity as integrity
+    import stager.integrity.staged as integrity
     import stager.stager as stager_module
 
     class Registered(HostArena):  # as if registered with CUDA: graphs are allowed

@@ -3,7 +3,6 @@ waits for the writes."""
 
 from __future__ import annotations
 
-import importlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,23 +12,23 @@ import torch
 from test_wrap import _SlowWriter, assert_state_equal, load_fresh, make, snapshot, train
 
 import stager
+from stager.checkpoint import CheckpointWrites
 
 
 def test_checkpoints_to_one_path_are_written_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Before: writes ran at once into one directory (2 of 12 trials left nothing loadable), and a
     # write held back behind another one could be handed another checkpoint's dict.
-    wrap_module = importlib.import_module("stager.wrap")
     slow = _SlowWriter(monkeypatch)
     started: list[int] = []
     lock = threading.Lock()
-    real_save = wrap_module.WrapHandle._save
+    real_save = CheckpointWrites._save
 
-    def counting_save(self: Any, ticket: Any, record: Any, staged: Any, handoff: Any) -> None:
+    def counting_save(self: Any, record: Any, result: Any, staged: Any, handoff: Any) -> None:
         with lock:
             started.append(int(staged["model"]["pos"].flatten()[0].item()))
-        real_save(self, ticket, record, staged, handoff)
+        real_save(self, record, result, staged, handoff)
 
-    monkeypatch.setattr(wrap_module.WrapHandle, "_save", counting_save)
+    monkeypatch.setattr(CheckpointWrites, "_save", counting_save)
     model, opt = make()
     path = tmp_path / "latest"
     futures = []

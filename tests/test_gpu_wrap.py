@@ -17,6 +17,7 @@ from torch import nn
 
 import stager
 from stager import GraphStager
+from stager.checkpoint import checkpoint_layout as layout
 from stager.restore import match_tensors
 
 pytestmark = pytest.mark.cuda
@@ -54,10 +55,6 @@ def train_step(model: Net, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
-
-
-def layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optim": opt.state_dict()}
 
 
 def assert_state_equal(got: Any, want: Any) -> None:

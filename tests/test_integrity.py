@@ -9,7 +9,6 @@ where the pipeline makes the call.
 from __future__ import annotations
 
 import glob
-import importlib
 import json
 import os
 import subprocess
@@ -23,8 +22,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 import stager
+import stager.checkpoint as checkpoint_module
 from stager import GraphStager, IntegrityError
 from stager.arena import StagedSet
+from stager.checkpoint import checkpoint_layout as layout
 from stager.integrity import (
     ChecksumWriter,
     checksum_staged_set,
@@ -35,8 +36,6 @@ from stager.integrity import (
 )
 from stager.kernels import lanes64
 from stager.verify import main as verify_main
-
-wrap_module = importlib.import_module("stager.wrap")  # the module (stager.wrap is the function)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -63,10 +62,6 @@ def make(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
-def layout(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optim": opt.state_dict()}
-
-
 def assert_loaded_equal(model: torch.nn.Module, want: torch.nn.Module) -> None:
     for (k, a), (_, b) in zip(model.state_dict().items(), want.state_dict().items()):
         assert torch.equal(a, b), k
@@ -79,8 +74,8 @@ def checkpoint_with_wrap(path: Path, model: torch.nn.Module, opt: torch.optim.Op
 
 def force_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
     """wrap's writer hashes every tensor on the writer thread (what staging left without one)."""
-    real = wrap_module._writer
-    monkeypatch.setattr(wrap_module, "_writer", lambda path, nvtx_enabled: real(path, nvtx_enabled, checksum=True))
+    real = checkpoint_module.dcp_writer
+    monkeypatch.setattr(checkpoint_module, "dcp_writer", lambda path, nvtx_enabled: real(path, nvtx_enabled, checksum=True))
 
 
 def flip_tensor_byte(ckpt: Path, fqn: str) -> str:

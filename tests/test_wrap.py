@@ -15,7 +15,8 @@ import torch.distributed.checkpoint as dcp
 
 import stager
 from stager import CheckpointWriteError, RestoreMismatchError, StagerClosedError, StageStats
-from stager.demo import TinyLM, make_batch
+from stager.checkpoint import checkpoint_layout as layout
+from stager.demo_model import TinyLM, make_batch
 from stager.restore import match_tensors
 
 SIZE = dict(layers=2, d=32, heads=4, vocab=64, seq=16)
@@ -38,10 +39,6 @@ def train(model: TinyLM, opt: torch.optim.Optimizer, steps: range) -> list[float
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
-
-
-def layout(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optim": opt.state_dict()}
 
 
 def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -176,33 +173,6 @@ def test_close_raises_a_pending_error_after_cleaning_up(tmp_path: Path) -> None:
         handle.checkpoint(tmp_path / "again")
 
 
-def test_live_state_is_built_once_and_plan_replayed(tmp_path: Path) -> None:
-    model, opt = make()
-    with stager.wrap(model, opt) as handle:
-        assert len(opt._optimizer_step_pre_hooks) == 1
-        train(model, opt, range(1))  # creates the optimizer state: one rebuild
-        for i in range(3):
-            train(model, opt, range(i + 1, i + 2))
-            handle.checkpoint(tmp_path / f"c{i}")
-        handle.fence()  # checkpoint() returned at once: wait for the stage before looking at it
-        assert handle.live_rebuilds == 2
-        assert handle.stager.plans_built == 1
-        assert not handle.stats.replanned
-        # A replaced buffer object is noticed and staged.
-        model.tokens_seen = torch.tensor(12345)
-        handle.checkpoint(tmp_path / "buffer")
-        handle.fence()
-        assert handle.live_rebuilds == 3
-        # A scheduler's lr reaches the checkpoint without a rebuild.
-        opt.param_groups[0]["lr"] = 0.125
-        handle.checkpoint(tmp_path / "lr")
-        handle.fence()
-        assert handle.live_rebuilds == 3
-        handle.wait()
-    assert int(load_fresh(tmp_path / "buffer")["model"]["tokens_seen"]) == 12345
-    assert load_fresh(tmp_path / "lr")["optim"]["param_groups"][0]["lr"] == 0.125
-
-
 def test_restore_needs_a_staged_copy_and_a_matching_structure(tmp_path: Path) -> None:
     model, opt = make()
     with stager.wrap(model, opt) as handle:
@@ -273,10 +243,10 @@ class _SlowWriter:
     """Makes every write block until released, so a checkpoint is still being written."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        wrap_module = importlib.import_module("stager.wrap")  # stager.wrap is the function
+        import stager.checkpoint as checkpoint_module
 
         self.release = threading.Event()
-        real = wrap_module._writer
+        real = checkpoint_module.dcp_writer
         gate = self.release
 
         def slow_writer(path: str, nvtx_enabled: bool) -> Any:
@@ -290,10 +260,12 @@ class _SlowWriter:
             writer.write_data = blocked
             return writer
 
-        monkeypatch.setattr(wrap_module, "_writer", slow_writer)
+        monkeypatch.setattr(checkpoint_module, "dcp_writer", slow_writer)
 
 
-def test_second_checkpoint_during_a_write_waits_under_the_wait_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_checkpoint_during_a_write_waits_under_the_wait_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     slow = _SlowWriter(monkeypatch)
     model, opt = make()
     with stager.wrap(model, opt, lease_policy="wait", max_arenas=1, lease_timeout=0.3) as handle:
@@ -311,7 +283,9 @@ def test_second_checkpoint_during_a_write_waits_under_the_wait_policy(tmp_path: 
     assert_state_equal(load_fresh(tmp_path / "c1"), expected)
 
 
-def test_second_checkpoint_during_a_write_takes_another_arena_under_allocate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_checkpoint_during_a_write_takes_another_arena_under_allocate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     slow = _SlowWriter(monkeypatch)
     model, opt = make()
     with stager.wrap(model, opt, lease_policy="allocate", max_arenas=1) as handle:
@@ -394,90 +368,6 @@ def test_device_plumbing_with_a_fake_gpu(tmp_path: Path, monkeypatch: pytest.Mon
     assert not model._forward_pre_hooks and not opt._optimizer_step_pre_hooks
 
 
-# ------------------------------------------------------------------------------ what makes the live dict stale
-
-
-def _load_model_part(path: Path, like: torch.nn.Module) -> dict[str, Any]:
-    state = {"model": like.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
-    return state["model"]
-
-
-class _TwoHeads(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = torch.nn.Linear(4, 4)
-        self.head = torch.nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def test_a_replaced_or_added_submodule_is_checkpointed_and_restored(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = _TwoHeads()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stager.wrap(model, opt) as handle:
-        handle.checkpoint(tmp_path / "c1").result()
-        model.head = torch.nn.Linear(4, 2)  # a new head (fine-tuning)
-        with torch.no_grad():
-            model.head.weight.fill_(7.0)
-        handle.checkpoint(tmp_path / "c2").result()
-        assert torch.equal(_load_model_part(tmp_path / "c2", _TwoHeads())["head.weight"], model.head.weight)
-        with torch.no_grad():
-            model.head.weight.fill_(9.0)
-        handle.restore()
-        assert bool((model.head.weight == 7.0).all())  # restored into the live head
-        model.extra = torch.nn.Linear(2, 2)
-        handle.checkpoint(tmp_path / "c3").result()
-    keys = dcp.FileSystemReader(str(tmp_path / "c3")).read_metadata().state_dict_metadata
-    assert "model.extra.weight" in keys
-
-
-def test_optimizer_state_cleared_and_recreated_is_checkpointed(tmp_path: Path) -> None:
-    model, opt = make()
-    with stager.wrap(model, opt) as handle:
-        train(model, opt, range(2))
-        handle.checkpoint(tmp_path / "c1").result()
-        opt.state.clear()  # reset the moments: same dict object, recreated per-parameter dicts
-        train(model, opt, range(2, 3))
-        handle.checkpoint(tmp_path / "c2").result()
-        expected = snapshot(model, opt)
-        train(model, opt, range(3, 4))
-        handle.restore()
-        assert_state_equal(layout(model, opt), expected)
-    assert_state_equal(load_fresh(tmp_path / "c2"), expected)
-
-
-class _Counter(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(2, 2)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.lin(x)
-
-    def get_extra_state(self) -> Any:
-        return {"calls": self.calls}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.calls = state["calls"]
-
-
-def test_extra_state_is_read_at_each_checkpoint(tmp_path: Path) -> None:
-    model = torch.nn.Sequential(_Counter())
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stager.wrap(model, opt) as handle:
-        for i in range(3):
-            model(torch.randn(1, 2)).sum().backward()
-            opt.step()
-            handle.checkpoint(tmp_path / f"c{i}").result()
-            assert _load_model_part(tmp_path / f"c{i}", torch.nn.Sequential(_Counter()))["0._extra_state"] == {"calls": i + 1}
-        assert handle.stager.plans_built == 1  # a new value, not a new structure: no re-plan
-
-
 def test_failed_writes_release_their_staged_copies(tmp_path: Path) -> None:
     model, opt = make()
     (tmp_path / "afile").write_text("")
@@ -504,174 +394,3 @@ def test_a_checkpoint_that_fails_to_stage_says_so_on_restore(tmp_path: Path) -> 
             handle.restore()
         with pytest.raises(CheckpointWriteError, match="staging checkpoint .*c2.*scratch"):
             handle.wait()
-
-
-# ------------------------------------------------------------------------------ load_checkpoint
-
-
-class _Unused(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(4, 4)
-        self.b = torch.nn.Linear(4, 4)  # never used: no gradient, no optimizer state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.a(x)
-
-
-def _unused_run(path: Path, steps: int) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = _Unused()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    with stager.wrap(model, opt) as handle:
-        for _ in range(steps):
-            model(torch.randn(2, 4)).sum().backward()
-            opt.step()
-            opt.zero_grad()
-        handle.checkpoint(path)
-    return snapshot(model, opt)
-
-
-@pytest.mark.parametrize("steps", [0, 2], ids=["before-the-first-step", "a-parameter-without-state"])
-@pytest.mark.parametrize("fresh_has_grads", [False, True], ids=["", "fresh-model-with-grads"])
-def test_load_checkpoint_restores_exactly_the_state_the_checkpoint_has(
-    tmp_path: Path, steps: int, fresh_has_grads: bool
-) -> None:
-    want = _unused_run(tmp_path / "c", steps)
-    model = _Unused()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    if fresh_has_grads:
-        model(torch.randn(2, 4)).sum().backward()
-    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    stager.load_checkpoint(tmp_path / "c", model, opt)
-    got = layout(model, opt)
-    assert sorted(got["optim"]["state"]) == sorted(want["optim"]["state"])
-    assert_state_equal(got, want) if steps else None
-    assert all(torch.equal(g, w) for g, w in zip(got["model"].values(), want["model"].values()))
-    for p, g in zip(model.parameters(), grads):  # the caller's gradients are left as they were
-        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
-
-
-def test_load_checkpoint_refuses_state_it_cannot_place(tmp_path: Path) -> None:
-    model = torch.nn.Linear(3, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)  # has max_exp_avg_sq
-    with stager.wrap(model, opt) as handle:
-        model(torch.randn(2, 3)).sum().backward()
-        opt.step()
-        handle.checkpoint(tmp_path / "c")
-    fresh = torch.nn.Linear(3, 1)
-    with pytest.raises(ValueError, match="max_exp_avg_sq"):
-        stager.load_checkpoint(tmp_path / "c", fresh, torch.optim.Adam(fresh.parameters(), lr=1e-2))
-
-
-class _IntStepSGD(torch.optim.Optimizer):
-    """Keeps an ``int`` step in its per-parameter state (as some optimizers do)."""
-
-    def __init__(self, params: Any, lr: float) -> None:
-        super().__init__(params, dict(lr=lr))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        for g in self.param_groups:
-            for p in g["params"]:
-                st = self.state[p]
-                st["step"] = st.get("step", 0) + 1
-                p.add_(p.grad, alpha=-g["lr"] / st["step"])
-
-
-def test_restore_rolls_back_non_tensor_optimizer_state(tmp_path: Path) -> None:
-    model = torch.nn.Linear(2, 2)
-    opt = _IntStepSGD(model.parameters(), lr=0.1)
-
-    def step() -> None:
-        model(torch.randn(1, 2)).sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    with stager.wrap(model, opt) as handle:
-        step()
-        step()
-        handle.checkpoint(tmp_path / "c")
-        weight = model.weight.detach().clone()
-        for _ in range(3):
-            step()
-        handle.restore()
-        assert torch.equal(model.weight, weight)
-        assert opt.state[model.weight]["step"] == 2
-
-
-class _History(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(2, 2)
-        self.hist: list[float] = []
-
-    def get_extra_state(self) -> Any:
-        return {"hist": list(self.hist)}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.hist = list(state["hist"])
-
-
-def test_extra_state_under_two_names_and_its_restore(tmp_path: Path) -> None:
-    model = torch.nn.Module()
-    model.a = _History()
-    model.b = model.a  # one module, two names in state_dict()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stager.wrap(model, opt) as handle:
-        model.a.hist.append(1.0)
-        handle.checkpoint(tmp_path / "c").result()
-        weight = model.a.lin.weight.detach().clone()
-        with torch.no_grad():
-            model.a.lin.weight.add_(1)
-        model.a.hist.append(2.0)  # the extra state grew: the tensors must still come back
-        handle.restore()
-        assert torch.equal(model.a.lin.weight, weight) and model.a.hist == [1.0]
-    fresh = torch.nn.Module()
-    fresh.a = _History()
-    fresh.b = fresh.a
-    stager.load_checkpoint(tmp_path / "c", fresh)
-    assert fresh.a.hist == [1.0]
-
-
-def test_load_checkpoint_drops_optimizer_state_the_checkpoint_does_not_have(tmp_path: Path) -> None:
-    def make_pair() -> tuple[torch.nn.ModuleDict, torch.optim.Optimizer]:
-        torch.manual_seed(0)
-        m = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "c": torch.nn.Linear(2, 2)})
-        return m, torch.optim.AdamW(m.parameters(), lr=0.01)
-
-    model, opt = make_pair()
-    with stager.wrap(model, opt) as handle:
-        model["a"](torch.randn(3, 2)).sum().backward()  # "c" gets no gradient, no state
-        opt.step()
-        handle.checkpoint(tmp_path / "c")
-        want = snapshot(model, opt)
-    model2, opt2 = make_pair()
-    sum(m(torch.randn(3, 2)).sum() for m in model2.values()).backward()
-    opt2.step()  # state for every parameter, "c" included
-    stager.load_checkpoint(tmp_path / "c", model2, opt2)
-    got = layout(model2, opt2)
-    assert sorted(got["optim"]["state"]) == sorted(want["optim"]["state"])
-    assert_state_equal(got, want)
-
-
-def test_hyperparameters_are_the_ones_at_the_call(tmp_path: Path) -> None:
-    # checkpoint() returns before the live state is read; a scheduler that steps right after it
-    # must not reach the checkpoint.
-    model, opt = make()
-    with stager.wrap(model, opt) as handle:
-        train(model, opt, range(1))
-        go = threading.Event()
-        real = handle._live.current
-
-        def late(*args: Any) -> Any:
-            assert go.wait(30)  # the background thread reads the live state only after the change
-            return real(*args)
-
-        handle._live.current = late  # type: ignore[method-assign]
-        opt.param_groups[0]["lr"] = 0.5
-        handle.checkpoint(tmp_path / "c")
-        opt.param_groups[0]["lr"] = 0.25  # the scheduler's step, before the background stage ran
-        go.set()
-        handle.wait()
-    assert load_fresh(tmp_path / "c")["optim"]["param_groups"][0]["lr"] == 0.5

@@ -60,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torchtit
 from stager.config import StagerConfig, available_profiles
 from stager.envs import KNOBS_BY_FIELD, Mode
 from stager.errors import StagerConfigError
-from stager.integrity_writer import ChecksumWriter
+from stager.integrity.writer import ChecksumWriter
 from stager.stager import GraphStager
 
 __all__ = ["StagerCheckpointManager"]

@@ -1,22 +1,10 @@
 """``ChecksumWriter``: DCP's ``FileSystemWriter`` that writes each rank's tensor checksums beside the data.
 
-A checkpoint directory written by it holds, besides DCP's ``.metadata`` and ``__<rank>_<n>.distcp``
-files, one JSON sidecar per rank, ``__<rank>_stager-checksums.json``::
-
-    {"format": "stager-checksums", "format_version": 1,
-     "algorithm": "stager-lanes64", "version": 1,
-     "save_id": "<DCP's save id of this save>", "rank": 0, "prefix": "__0_",
-     "entries": [{"fqn": "model.fc.weight", "offsets": [0, 0], "sizes": [8, 4],
-                  "dtype": "float32", "checksum": "0x0123456789abcdef", "file": "__0_0.distcp"}, ...]}
-
-one entry per tensor item the rank saved (a whole tensor, or this rank's chunk of a DTensor), its
-checksum over the chunk's elements as a contiguous array, as DCP saved it. The save id is the one
-DCP's metadata records (``metadata.storage_meta.save_id``): the coordinator's writer hands it to
-every rank inside the storage prefix of its plan, so a reader can tell the sidecars of this save
-from those an earlier save left in the same directory. Sidecars are written (temporary file, then
+Each rank writes one sidecar (:mod:`stager.integrity.sidecar`) with the checksum of every tensor
+item it saved. The save id in it is the one DCP's metadata records: the coordinator's writer hands
+it to every rank inside the storage prefix of its plan. Sidecars are written (temporary file, then
 rename) before DCP writes its metadata, which therefore still marks the checkpoint complete.
-
-Reading and verifying are in :mod:`stager.integrity`.
+Reading and verifying are in :mod:`stager.integrity.load`.
 """
 
 from __future__ import annotations
@@ -30,20 +18,13 @@ from typing import Any
 
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StoragePrefix
-from torch.distributed.checkpoint.planner import WriteItemType
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
-from stager.integrity import (
-    _SIDECAR_FORMAT,
-    _SIDECAR_FORMAT_VERSION,
-    ALGORITHM,
-    SIDECAR_SUFFIX,
-    VERSION,
-    _as_flat_bytes,
-    _dtype_name,
-    format_checksum,
-    region_checksums,
-    staged_checksum,
-)
+from stager.integrity.checksums import fill_checksums
+from stager.integrity.sidecar import SIDECAR_SUFFIX, sidecar_document, sidecar_entry
+from stager.integrity.staged import staged_checksum
 
 __all__ = ["ChecksumWriter", "WriteChecksumStats"]
 
@@ -92,18 +73,20 @@ class ChecksumWriter(FileSystemWriter):
     ``last_checksum_stats`` (:class:`WriteChecksumStats`) says what the last write did.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *args: Any, checksum: bool | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *args: Any, checksum: bool | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(path, *args, **kwargs)
         self.checksum = checksum
         self.last_checksum_stats: WriteChecksumStats | None = None
 
-    def prepare_local_plan(self, plan: Any) -> Any:
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """DCP's, with this save's id in the rank-local storage prefix (no-collectives saves)."""
         plan = super().prepare_local_plan(plan)
         sd = _with_token(plan.storage_data, self.save_id)
         return plan if sd is plan.storage_data else dataclasses.replace(plan, storage_data=sd)
 
-    def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """DCP's, with the coordinator's save id (the one the metadata records) in every prefix."""
         out = []
         for p in super().prepare_global_plan(plans):
@@ -111,7 +94,7 @@ class ChecksumWriter(FileSystemWriter):
             out.append(p if sd is p.storage_data else dataclasses.replace(p, storage_data=sd))
         return out
 
-    def write_data(self, plan: Any, planner: Any) -> Any:
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """DCP's write, then this rank's sidecar (see the module docstring)."""
         stats = self.last_checksum_stats = WriteChecksumStats()
         prefix = getattr(plan.storage_data, "prefix", None)
@@ -124,21 +107,13 @@ class ChecksumWriter(FileSystemWriter):
             tensors = [planner.resolve_data(wi) for wi in items]
             values = [staged_checksum(t) for t in tensors]
             if self.checksum or any(v is not None for v in values):
-                todo = [i for i, v in enumerate(values) if v is None]
-                if todo:
-                    fresh = region_checksums([_as_flat_bytes(tensors[i]) for i in todo]).tolist()
-                    for i, v in zip(todo, fresh):
-                        values[i] = v
-                stats.items, stats.computed = len(items), len(todo)
+                stats.items, stats.computed = len(items), fill_checksums(tensors, values)
                 stats.reused = stats.items - stats.computed
                 entries = [
-                    {
-                        "fqn": wi.index.fqn,
-                        "offsets": [int(o) for o in wi.tensor_data.chunk.offsets],
-                        "sizes": [int(s) for s in wi.tensor_data.chunk.sizes],
-                        "dtype": _dtype_name(wi.tensor_data.properties.dtype),
-                        "checksum": format_checksum(int(v)),  # type: ignore[arg-type]
-                    }
+                    sidecar_entry(
+                        wi.index.fqn, wi.tensor_data.chunk.offsets, wi.tensor_data.chunk.sizes,
+                        wi.tensor_data.properties.dtype, v,  # type: ignore[arg-type]
+                    )
                     for wi, v in zip(items, values)
                 ]
             del tensors
@@ -153,16 +128,7 @@ class ChecksumWriter(FileSystemWriter):
         files = {wr.index: wr.storage_data for wr in results}
         for wi, e in zip(items, entries):
             e["file"] = getattr(files.get(wi.index), "relative_path", "")
-        self._write_sidecar(sidecar, {
-            "format": _SIDECAR_FORMAT,
-            "format_version": _SIDECAR_FORMAT_VERSION,
-            "algorithm": ALGORITHM,
-            "version": VERSION,
-            "save_id": token,
-            "rank": self.rank,
-            "prefix": prefix,
-            "entries": entries,
-        })
+        self._write_sidecar(sidecar, sidecar_document(token, self.rank, prefix, entries))
         stats.sidecar = sidecar
         return fut
 
