@@ -18,8 +18,9 @@ state machine (testable without a GPU); it also counts captures and replays.
 Capture rules followed here (see ``torch/cuda/graphs.py``): every buffer is allocated before
 capture (pack and checksum tables are prepared when binding, chunks and checksum buffers belong
 to the caller; the only tensors made during a capture are the checksum's few small temporaries,
-which come from the graph's private memory pool); destinations are pinned host memory; ``capture_error_mode="thread_local"`` so a
-training thread's unsafe CUDA calls elsewhere do not abort the capture. ``capture_begin`` is
+which come from the graph's private memory pool); destinations are pinned host memory;
+``capture_error_mode="thread_local"`` so a training thread's unsafe CUDA calls elsewhere do not
+abort the capture. ``capture_begin`` is
 called directly rather than through ``torch.cuda.graph``, whose entry synchronises the whole
 device and empties the allocator's cache: neither belongs in a training step.
 
@@ -38,13 +39,12 @@ import enum
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from stager import nvtx
-from stager.graphs.eager import issue_ops
-from stager.graphs.program import RECORD, Bindings
+from stager.graphs.bindings import Bindings
+from stager.graphs.eager import Ranges, issue_ops, no_ranges
+from stager.graphs.ops import RECORD
 from stager.plan import gc_paused
 
 __all__ = ["GraphState", "Action", "CaptureKey", "CaptureTracker", "CudaGraphExecutor", "capture_key"]
@@ -177,29 +177,32 @@ class CudaGraphExecutor:
         stream: the side stream (``torch.cuda.Stream`` on the program's device) that every
             warm-up, capture and replay uses.
         pieces: how many graphs the program is cut into (``STAGER_REPLAY_PIECES``).
-        nvtx_enabled: emit ``stager/capture`` / ``stager/replay`` ranges.
+        ranges: makes the profiler ranges ``stager/capture`` / ``stager/replay`` and those of
+            the eager ops (none by default).
     """
 
-    def __init__(self, stream: Any, *, pieces: int = 1, nvtx_enabled: bool = False) -> None:
+    def __init__(self, stream: torch.cuda.Stream, *, pieces: int = 1, ranges: Ranges = no_ranges) -> None:
         self.stream = stream
         self.pieces = max(1, int(pieces))
-        self.nvtx = nvtx_enabled
+        self.ranges = ranges
         self.tracker = CaptureTracker()
-        self._graphs: list[Any] = []
+        self._graphs: list[torch.cuda.CUDAGraph] = []
         self._bindings: Bindings | None = None
 
     @property
     def state(self) -> GraphState:
         return self.tracker.state
 
-    def keepalive(self) -> tuple[Any, ...]:
+    def keepalive(self) -> tuple[list[torch.cuda.CUDAGraph], Bindings | None]:
         """What must outlive the copies just queued: the graphs and the memory they address.
 
         Re-capturing replaces (never mutates) these, so a holder keeps the old ones valid.
         """
         return (self._graphs, self._bindings)
 
-    def run(self, bindings: Bindings, key: CaptureKey | None = None, done: Any = None) -> Action:
+    def run(
+        self, bindings: Bindings, key: CaptureKey | None = None, done: torch.cuda.Event | None = None
+    ) -> Action:
         """Stage once through ``bindings`` on the side stream; returns what was done.
 
         The caller has made the side stream wait for the producer of the sources. ``done`` (a
@@ -212,12 +215,12 @@ class CudaGraphExecutor:
         device = bindings.program.device
         with torch.cuda.device(device.index), torch.cuda.stream(self.stream):
             if action is Action.REPLAY:
-                with nvtx.range("stager/replay", self.nvtx):
+                with self.ranges("stager/replay"):
                     for g in self._graphs:
                         g.replay()
                 self.tracker.replayed()
             elif action is Action.EAGER:
-                issue_ops(bindings, nvtx_enabled=self.nvtx)
+                issue_ops(bindings, ranges=self.ranges)
                 self.tracker.ran_eager()
             else:
                 action = self._warm_up_and_capture(bindings, key)
@@ -228,8 +231,8 @@ class CudaGraphExecutor:
     def _warm_up_and_capture(self, bindings: Bindings, key: CaptureKey) -> Action:
         self._graphs = []
         self._bindings = None
-        with nvtx.range("stager/capture", self.nvtx):
-            issue_ops(bindings, nvtx_enabled=self.nvtx)  # warm-up: also this checkpoint's copy
+        with self.ranges("stager/capture"):
+            issue_ops(bindings, ranges=self.ranges)  # warm-up: also this checkpoint's copy
             try:
                 graphs = self._capture(bindings)
             except Exception as exc:  # noqa: BLE001 - any capture failure means eager
@@ -245,8 +248,8 @@ class CudaGraphExecutor:
         self.tracker.captured(key)
         return Action.CAPTURE
 
-    def _capture(self, bindings: Bindings) -> list[Any]:
-        graphs: list[Any] = []
+    def _capture(self, bindings: Bindings) -> list[torch.cuda.CUDAGraph]:
+        graphs: list[torch.cuda.CUDAGraph] = []
         steps = bindings.steps
         # No cyclic garbage collection while capturing: a collection runs finalizers on this
         # thread (a released host arena's cudaHostUnregister, a user object's CUDA call), and in

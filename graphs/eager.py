@@ -5,38 +5,52 @@ the plain-torch reference), for the fresh path (an arena used once is not worth 
 the warm-up before a capture (the first launch compiles the pack kernel), and for the fallback
 when capture is off or failed. The same function issues the ops under capture, so what is
 replayed is exactly what ran eagerly.
+
+Profiler ranges come from the caller: ``ranges`` makes the context manager for a phase name
+(``stager/pack``, ``stager/copy``; the stager passes one built from ``STAGER_NVTX``); by default
+there are none.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 
-from stager import nvtx
-from stager.graphs.program import COPY, PACK, PACK_SUM, SUM, Bindings
+from stager.graphs.bindings import Bindings
+from stager.graphs.ops import COPY, PACK, PACK_SUM, SUM
 
-__all__ = ["run_eager", "issue_ops"]
+__all__ = ["Ranges", "issue_ops", "no_ranges", "run_eager"]
+
+Ranges = Callable[[str], ContextManager[object]]
+"""Makes the profiler range of one phase, by name (``stager/copy``...)."""
+
+_NULL = contextlib.nullcontext()
 
 
-def _stream_context(stream: Any) -> ContextManager[Any]:
+def no_ranges(name: str) -> ContextManager[object]:
+    """The :data:`Ranges` that marks nothing."""
+    return _NULL
+
+
+def _stream_context(stream: torch.cuda.Stream | None) -> ContextManager[object]:
     if stream is None:
-        return contextlib.nullcontext()
+        return _NULL
     return torch.cuda.stream(stream)
 
 
-def _device_context(device: torch.device) -> ContextManager[Any]:
+def _device_context(device: torch.device) -> ContextManager[object]:
     if device.type == "cuda":
         return torch.cuda.device(device.index)
-    return contextlib.nullcontext()
+    return _NULL
 
 
 def issue_ops(
     bindings: Bindings,
     ops: range | None = None,
     *,
-    nvtx_enabled: bool = False,
+    ranges: Ranges = no_ranges,
 ) -> None:
     """Issue the copy, pack and checksum ops at indices ``ops`` (default: the whole program) on
     the current stream. :class:`~stager.graphs.program.RecordEventOp` marks where the program
@@ -49,14 +63,14 @@ def issue_ops(
     non_blocking = bindings.non_blocking
     for code, a, b in steps:
         if code == COPY:
-            with nvtx.range("stager/copy", nvtx_enabled):
+            with ranges("stager/copy"):
                 a.copy_(b, non_blocking=non_blocking)
         elif code == PACK:
-            with nvtx.range("stager/pack", nvtx_enabled):
+            with ranges("stager/pack"):
                 pack_gather(a, b, validate=False, use_triton=use_triton)
         elif code == PACK_SUM:
             table, sums = a
-            with nvtx.range("stager/pack", nvtx_enabled):
+            with ranges("stager/pack"):
                 pack_gather(table, b, validate=False, use_triton=use_triton, checksums=sums)
         elif code == SUM:  # one launch per program: it shows in a trace as its kernel
             region_checksums(a, b, use_triton=use_triton)
@@ -65,12 +79,13 @@ def issue_ops(
 def run_eager(
     bindings: Bindings,
     *,
-    stream: Any = None,
+    stream: torch.cuda.Stream | None = None,
     ops: range | None = None,
-    nvtx_enabled: bool = False,
-    done: Any = None,
+    ranges: Ranges = no_ranges,
+    done: torch.cuda.Event | None = None,
 ) -> None:
-    """Run the bound program (or the op indices ``ops``) now on ``stream``.
+    """Run the bound program (or the op indices ``ops``) now on ``stream``, marking each op with
+    ``ranges``.
 
     ``stream`` is a ``torch.cuda.Stream`` of the program's device, or None for the current stream
     (and for CPU programs, which run synchronously). On a device the copies are queued, not
@@ -79,6 +94,6 @@ def run_eager(
     """
     device = bindings.program.device
     with _device_context(device), _stream_context(stream):
-        issue_ops(bindings, ops, nvtx_enabled=nvtx_enabled)
+        issue_ops(bindings, ops, ranges=ranges)
         if done is not None:
             done.record()

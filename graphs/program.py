@@ -4,23 +4,11 @@ A program is built once per plan and device from the plan's regions (their size 
 and three knobs: the pack threshold, the chunk size and the number of chunk slots. It is pure
 structure: it names regions by index and bytes by offset, never by address, so it can be built,
 compared and described without a GPU. The addresses come in when a program is *bound*
-(:class:`Bindings`: source views, the destination arena, the device chunks, the prepared pack
-tables) and run, eagerly (:mod:`stager.graphs.eager`) or as CUDA graphs
+(:class:`~stager.graphs.bindings.Bindings`: source views, the destination arena, the device
+chunks, the prepared pack tables) and run, eagerly (:mod:`stager.graphs.eager`) or as CUDA graphs
 (:mod:`stager.graphs.cuda_graph`).
 
-Ops, in the order they run:
-
-* :class:`PackOp` -- gather a *run* of small regions into chunk slot ``slot`` with one
-  ``pack_gather`` launch. Each region lands at ``arena_offset - run_start``: the chunk holds the
-  run exactly as the arena lays it out, alignment padding included.
-* :class:`ChunkCopyOp` -- copy the first ``nbytes`` of that slot to ``arena[arena_offset:]`` in
-  one device-to-host copy (the padding bytes it also writes belong to no region).
-* :class:`DirectCopyOp` -- copy one region straight into its arena slot.
-* :class:`ChecksumOp` -- (checksum programs only) hash the directly copied regions from their
-  device sources with one checksum kernel launch.
-* :class:`ChecksumCopyOp` -- (checksum programs only) copy the device checksums to the small
-  host buffer, after every other copy and before the done marker.
-* :class:`RecordEventOp` -- record an event (``done`` closes every program).
+The ops, in the order they run, are in :mod:`stager.graphs.ops`.
 
 Runs. The arena layout is fixed by the plan, so a chunk copy may only cover arena bytes that
 belong to packed regions of its run (or to padding). A run is therefore a maximal sequence of
@@ -50,110 +38,20 @@ contiguous slice. A checksum program is a different program (:attr:`Program.key`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from stager.envs import format_size
+from stager.graphs.ops import ChecksumCopyOp, ChecksumOp, ChunkCopyOp, DirectCopyOp, Op, PackOp, RecordEventOp
 
 if TYPE_CHECKING:
-    from stager.kernels import PackTable
+    from stager.graphs.ops import SizeText
     from stager.plan import Region
 
-__all__ = [
-    "MIN_RUN",
-    "PackOp",
-    "ChunkCopyOp",
-    "DirectCopyOp",
-    "RecordEventOp",
-    "ChecksumOp",
-    "ChecksumCopyOp",
-    "Op",
-    "Program",
-    "Bindings",
-    "build_program",
-    "bind_program",
-]
+__all__ = ["MIN_RUN", "Program", "build_program"]
 
 MIN_RUN = 2
 """Fewest small regions worth one pack launch; shorter runs are copied directly."""
-
-
-@dataclass(frozen=True)
-class PackOp:
-    """Gather ``regions`` into chunk slot ``slot``, region ``regions[i]`` at byte ``offsets[i]``."""
-
-    slot: int
-    regions: tuple[int, ...]
-    offsets: tuple[int, ...]
-    """Byte offset of each region in the chunk (its arena offset minus the run's start)."""
-    sizes: tuple[int, ...]
-    nbytes: int
-    """Bytes of the regions themselves (without padding)."""
-    checksum_at: int = -1
-    """Checksum slot of ``regions[0]`` (the others follow), or -1: the pack computes none."""
-
-    kind = "pack"
-
-
-@dataclass(frozen=True)
-class ChunkCopyOp:
-    """Copy ``chunk[slot][:nbytes]`` to ``arena[arena_offset : arena_offset + nbytes]``."""
-
-    slot: int
-    arena_offset: int
-    nbytes: int
-    """The run's span in the arena: its regions and the alignment padding between them."""
-    first: int
-    """Index of the run's first region (for ``describe``)."""
-    last: int
-
-    kind = "copy-chunk"
-
-
-@dataclass(frozen=True)
-class DirectCopyOp:
-    """Copy region ``region`` (``nbytes``) to ``arena[arena_offset : arena_offset + nbytes]``."""
-
-    region: int
-    arena_offset: int
-    nbytes: int
-
-    kind = "copy-direct"
-
-
-@dataclass(frozen=True)
-class RecordEventOp:
-    """Record the event bound under ``name`` on the program's stream."""
-
-    name: str = "done"
-
-    kind = "record"
-
-
-@dataclass(frozen=True)
-class ChecksumOp:
-    """Hash ``regions`` (copied directly) from their device sources into checksum slots
-    ``first .. first + len(regions) - 1``, in one launch."""
-
-    regions: tuple[int, ...]
-    first: int
-    nbytes: int
-    """Bytes hashed."""
-
-    kind = "checksum"
-
-
-@dataclass(frozen=True)
-class ChecksumCopyOp:
-    """Copy the ``count`` device checksums to the host checksum buffer."""
-
-    count: int
-
-    kind = "copy-sums"
-
-
-Op = Union[PackOp, ChunkCopyOp, DirectCopyOp, ChecksumOp, ChecksumCopyOp, RecordEventOp]
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,15 +81,14 @@ class Program:
     """``(device, slots, chunk_bytes, ops, checksum)``: equal keys, equal programs."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", (str(self.device), self.slots, self.chunk_bytes, self.ops, self.checksum))
+        key = (str(self.device), self.slots, self.chunk_bytes, self.ops, self.checksum)
+        object.__setattr__(self, "key", key)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Program) and self.key == other.key
 
     def __hash__(self) -> int:
         return hash(self.key)
-
-    # ------------------------------------------------------------------ summaries
 
     @property
     def packs(self) -> tuple[PackOp, ...]:
@@ -260,45 +157,19 @@ class Program:
         cuts.append(len(self.ops))
         return tuple(range(a, b) for a, b in zip(cuts, cuts[1:]))
 
-    def describe(self) -> str:
-        """A readable listing of the program, one op per line, for logs."""
+    def describe(self, size: SizeText) -> str:
+        """A readable listing of the program, one op per line, for logs; ``size`` formats a byte
+        count (the stager passes ``stager.envs.format_size``)."""
         packs, directs = self.packs, self.directs
-        packed_bytes = sum(p.nbytes for p in packs)
-        direct_bytes = sum(d.nbytes for d in directs)
         lines = [
             f"staging program on {self.device}: {len(self.ops)} ops; "
-            f"{sum(len(p.regions) for p in packs)} regions ({format_size(packed_bytes)}) packed in "
-            f"{len(packs)} runs over {self.slots} chunk slot(s) of {format_size(self.chunk_bytes)}; "
-            f"{len(directs)} regions ({format_size(direct_bytes)}) copied directly "
-            f"(pack threshold {format_size(self.pack_threshold)}, chunk size {format_size(self.chunk_size)})"
+            f"{len(self.packed_regions)} regions ({size(sum(p.nbytes for p in packs))}) packed in "
+            f"{len(packs)} runs over {self.slots} chunk slot(s) of {size(self.chunk_bytes)}; "
+            f"{len(directs)} regions ({size(sum(d.nbytes for d in directs))}) copied directly "
+            f"(pack threshold {size(self.pack_threshold)}, chunk size {size(self.chunk_size)})"
             + ("; checksums on the device" if self.checksum else "")
         ]
-        for i, op in enumerate(self.ops):
-            if isinstance(op, PackOp):
-                what = (
-                    f"slot {op.slot} <- {len(op.regions)} regions "
-                    f"[{op.regions[0]}..{op.regions[-1]}], {format_size(op.nbytes)}"
-                )
-            elif isinstance(op, ChunkCopyOp):
-                what = (
-                    f"slot {op.slot} -> arena[{op.arena_offset}:{op.arena_offset + op.nbytes}] "
-                    f"(regions {op.first}..{op.last}, {format_size(op.nbytes)})"
-                )
-            elif isinstance(op, DirectCopyOp):
-                what = (
-                    f"region {op.region} -> arena[{op.arena_offset}:{op.arena_offset + op.nbytes}] "
-                    f"({format_size(op.nbytes)})"
-                )
-            elif isinstance(op, ChecksumOp):
-                what = (
-                    f"{len(op.regions)} direct regions ({format_size(op.nbytes)}) -> checksum slots "
-                    f"{op.first}..{op.first + len(op.regions) - 1}"
-                )
-            elif isinstance(op, ChecksumCopyOp):
-                what = f"{op.count} checksums -> host"
-            else:
-                what = f"event {op.name!r}"
-            lines.append(f"  {i:4d} {op.kind:<11} {what}")
+        lines += [f"  {i:4d} {op.kind:<11} {op.text(size)}" for i, op in enumerate(self.ops)]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -378,7 +249,8 @@ def build_program(
     if checksum:
         directs = [op for op in ops if isinstance(op, DirectCopyOp)]
         if directs:
-            ops.append(ChecksumOp(tuple(d.region for d in directs), len(summed), sum(d.nbytes for d in directs)))
+            hashed = tuple(d.region for d in directs)
+            ops.append(ChecksumOp(hashed, len(summed), sum(d.nbytes for d in directs)))
             summed.extend(d.region for d in directs)
         if summed:
             ops.append(ChecksumCopyOp(len(summed)))
@@ -394,166 +266,3 @@ def build_program(
         checksum=checksum,
         checksum_regions=tuple(summed),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Binding a program to memory
-# --------------------------------------------------------------------------------------------
-
-
-PACK, COPY, RECORD, PACK_SUM, SUM = range(5)
-"""Step codes of :attr:`Bindings.steps`."""
-
-
-@dataclass(eq=False)
-class Bindings:
-    """The memory one program reads and writes; built once by :func:`bind_program`, reused.
-
-    Holding a ``Bindings`` keeps every tensor it names alive (sources, arena, chunks, tables).
-    """
-
-    program: Program
-    sources: Sequence[torch.Tensor]
-    """uint8 view of each region's source span, indexed by region index (the plan's
-    ``src_views``)."""
-    arena: torch.Tensor
-    """uint8 tensor over the whole destination arena (pinned for a CUDA-graph capture)."""
-    chunks: tuple[torch.Tensor, ...]
-    """One uint8 buffer of at least ``program.chunk_bytes`` per slot, on the program's device."""
-    tables: tuple["PackTable", ...]
-    """One prepared pack table per :class:`PackOp`, in op order."""
-    steps: tuple[tuple[int, Any, Any], ...]
-    """One step per op, everything resolved: ``(PACK, table, chunk)``, ``(COPY, target,
-    input)`` (an arena slice and a chunk prefix or source view; or the host checksum buffer and
-    the device one), ``(RECORD, name, None)``; in checksum programs ``(PACK_SUM, (checksum
-    table, checksum slots), chunk)`` and ``(SUM, checksum table, checksum slots)``."""
-    checksums: torch.Tensor | None = None
-    """Checksum programs: ``int64``, one slot per region (:attr:`Program.checksum_regions`), on
-    the program's device; the kernels write it."""
-    host_checksums: torch.Tensor | None = None
-    """Checksum programs: ``int64`` host buffer of the same length (pinned for a CUDA-graph
-    capture) that the program's last copy fills; read it once the done event completed."""
-    use_triton: bool | None = None
-    """Passed to ``pack_gather``: None picks the kernel where it runs, False the reference."""
-    non_blocking: bool = False
-    """Device-to-host copies are asynchronous (the arena is pinned)."""
-
-
-def bind_program(
-    program: Program,
-    sources: Sequence[torch.Tensor],
-    arena: torch.Tensor,
-    chunks: Sequence[torch.Tensor],
-    *,
-    use_triton: bool | None = None,
-    non_blocking: bool = False,
-    checksums: torch.Tensor | None = None,
-    host_checksums: torch.Tensor | None = None,
-) -> Bindings:
-    """Bind ``program`` to memory: check sizes, build every arena slice and pack table once.
-
-    Preparing a pack table copies its launch table to the device (on the current stream, which
-    then must not be waiting behind the caller's work). A checksum program also needs
-    ``checksums`` (``int64``, one element per :attr:`Program.checksum_regions`, on the program's
-    device) and ``host_checksums`` (the same on the host, pinned for a capture); its checksum
-    tables are prepared here too, so a run allocates no buffer of its own. Raises ``ValueError``
-    when a buffer is too small, missing or on the wrong device.
-    """
-    from stager.kernels import prepare_checksum_table, prepare_table, table_from_triples
-
-    if arena.dtype != torch.uint8 or arena.dim() != 1:
-        raise ValueError(f"arena must be a 1-D uint8 tensor; got dtype={arena.dtype}, shape={tuple(arena.shape)}")
-    if len(chunks) < program.slots:
-        raise ValueError(f"program needs {program.slots} chunk buffers, got {len(chunks)}")
-    for i, c in enumerate(chunks[: program.slots]):
-        if c.dtype != torch.uint8 or not c.is_contiguous() or c.numel() < program.chunk_bytes:
-            raise ValueError(
-                f"chunk {i} must be a contiguous uint8 tensor of at least {program.chunk_bytes} bytes; "
-                f"got dtype={c.dtype}, shape={tuple(c.shape)}"
-            )
-        if c.device != program.device:
-            raise ValueError(f"chunk {i} is on {c.device}, the program on {program.device}")
-    if program.checksum:
-        n = len(program.checksum_regions)
-        _check_checksums(checksums, "checksums", n, program.device)
-        _check_checksums(host_checksums, "host_checksums", n, torch.device("cpu"))
-    tables = []
-    steps: list[tuple[int, Any, Any]] = []
-    for op in program.ops:
-        if isinstance(op, PackOp):
-            src = [sources[i] for i in op.regions]
-            for s, n, i in zip(src, op.sizes, op.regions):
-                _check_source(s, n, i, program.device)
-            table = table_from_triples(zip((s.data_ptr() for s in src), op.offsets, op.sizes))
-            tables.append(prepare_table(table, program.device))
-            chunk = chunks[op.slot][: program.chunk_bytes]
-            if op.checksum_at >= 0 and checksums is not None:
-                out = checksums.narrow(0, op.checksum_at, len(op.regions))
-                steps.append((PACK_SUM, (prepare_checksum_table(tables[-1]), out), chunk))
-            else:
-                steps.append((PACK, tables[-1], chunk))
-        elif isinstance(op, ChunkCopyOp):
-            steps.append((COPY, _arena_slice(arena, op.arena_offset, op.nbytes), chunks[op.slot][: op.nbytes]))
-        elif isinstance(op, DirectCopyOp):
-            src = sources[op.region]
-            _check_source(src, op.nbytes, op.region, program.device)
-            steps.append((COPY, _arena_slice(arena, op.arena_offset, op.nbytes), src))
-        elif isinstance(op, ChecksumOp):
-            assert checksums is not None  # checked above for checksum programs
-            table = table_from_triples((sources[i].data_ptr(), 0, sources[i].numel()) for i in op.regions)
-            steps.append((
-                SUM,
-                prepare_checksum_table(table, program.device),
-                checksums.narrow(0, op.first, len(op.regions)),
-            ))
-        elif isinstance(op, ChecksumCopyOp):
-            assert checksums is not None and host_checksums is not None
-            steps.append((COPY, host_checksums[: op.count], checksums[: op.count]))
-        else:
-            steps.append((RECORD, op.name, None))
-    return Bindings(
-        program=program,
-        sources=sources,
-        arena=arena,
-        chunks=tuple(chunks),
-        tables=tuple(tables),
-        steps=tuple(steps),
-        checksums=checksums if program.checksum else None,
-        host_checksums=host_checksums if program.checksum else None,
-        use_triton=use_triton,
-        non_blocking=non_blocking,
-    )
-
-
-def _check_checksums(buf: torch.Tensor | None, name: str, n: int, device: torch.device) -> None:
-    if (
-        not isinstance(buf, torch.Tensor)
-        or buf.dtype != torch.int64
-        or buf.dim() != 1
-        or buf.numel() != n
-        or not buf.is_contiguous()
-        or buf.device != device
-    ):
-        got = (
-            f"dtype={buf.dtype}, shape={tuple(buf.shape)}, device={buf.device}"
-            if isinstance(buf, torch.Tensor)
-            else type(buf).__name__
-        )
-        raise ValueError(
-            f"a checksum program needs {name}: a contiguous int64 tensor of {n} elements (one per "
-            f"region it stages) on {device}; got {got}"
-        )
-
-
-def _check_source(src: torch.Tensor, nbytes: int, region: int, device: torch.device) -> None:
-    if src.dtype != torch.uint8 or src.dim() != 1 or src.numel() != nbytes or src.device != device:
-        raise ValueError(
-            f"source of region {region} must be a 1-D uint8 view of {nbytes} bytes on {device}; "
-            f"got dtype={src.dtype}, shape={tuple(src.shape)}, device={src.device}"
-        )
-
-
-def _arena_slice(arena: torch.Tensor, offset: int, nbytes: int) -> torch.Tensor:
-    if offset + nbytes > arena.numel():
-        raise ValueError(f"arena of {arena.numel()} bytes is too small for bytes [{offset}, {offset + nbytes})")
-    return arena.narrow(0, offset, nbytes)

@@ -23,8 +23,7 @@ per region (``index_add_``: integer addition, so the order does not matter and t
 deterministic) and finalised with the byte count, as plain torch ops on the device. All address
 arithmetic is int64, every load is masked, the arithmetic is ``uint64`` (wrapping).
 
-The per-chunk routine (``_chunk_hash_sum``, in :mod:`stager.kernels.pack`) also runs inside the
-pack kernel when
+The per-chunk routine (``_chunk_hash_sum``) also runs inside the pack kernel when
 ``pack_gather(..., checksums=out)`` asks for it (see :mod:`stager.kernels.pack`): each program
 hashes the chunk it has just copied, so packed regions get their checksums from the same launch
 at no extra pass over device memory.
@@ -40,40 +39,85 @@ agree bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Union
 
 import torch
 
 from stager.kernels import lanes64
+from stager.kernels.backend import device_context, jit_helper, jit_kernel, tl, triton, use_kernel
 from stager.kernels.errors import RegionTableError
-from stager.kernels.pack import (
-    LANE_TILE,
-    _bytes_at,
-    _check_format,
-    _chunk_hash_sum,
-    _device_context,
-    _use_kernel,
-    tl,
-    triton,
-)
-from stager.kernels.table import BLOCK, PackTable, prepare_table
+from stager.kernels.reference import bytes_at
+from stager.kernels.table import BLOCK, PackTable, _check_format, prepare_table, tensor_text, validate_table
 
 __all__ = [
-    "ChecksumTable",
-    "prepare_checksum_table",
-    "region_checksums",
-    "region_checksums_reference",
+    "ChecksumTable", "prepare_checksum_table", "region_checksums", "region_checksums_reference"
 ]
 
 #: Warps per program.
 NUM_WARPS = 4
+#: Lanes one iteration of the checksum's per-chunk loop hashes (``BLOCK // 8`` per chunk).
+LANE_TILE = 512
+
+# The per-chunk routine (see stager.kernels.lanes64 for the definition), shared by the checksum
+# kernel and the pack kernel's fused checksum.
+
+if triton is not None:
+    _LANE_KEY = tl.constexpr(lanes64.LANE_KEY)
+    _MIX1 = tl.constexpr(lanes64.MIX1)
+    _MIX2 = tl.constexpr(lanes64.MIX2)
 
 
-def _jit(fn: Any) -> Any:
-    return triton.jit(fn, do_not_specialize=["n_blocks"]) if triton is not None else fn
+@jit_helper
+def _fmix(z):
+    # SplitMix64's finaliser on uint64 (logical shifts, wrapping multiplies)
+    z = z ^ (z >> 30)
+    z = z * _MIX1
+    z = z ^ (z >> 27)
+    z = z * _MIX2
+    return z ^ (z >> 31)
 
 
-@_jit
+@jit_helper
+def _chunk_hash_sum(addr, nbytes, lane0, LANE_TILE: tl.constexpr):
+    """Sum over a chunk's lanes of fmix(lane + (lane0 + j + 1) * LANE_KEY), as uint64.
+
+    ``addr``: int64 address of the chunk's first byte; ``nbytes``: its length (0 gives 0);
+    ``lane0``: index in its region of the chunk's first lane. Lanes are 8-byte loads when the
+    chunk is 8-byte aligned, else bytes assembled little-endian; the last 1..7 bytes form one
+    more lane, zeros above them (the tail rule).
+    """
+    src = addr.to(tl.pointer_type(tl.uint8))
+    n_full = nbytes // 8
+    j = tl.arange(0, LANE_TILE)
+    k = tl.arange(0, 8)
+    shifts = (k * 8).to(tl.uint64)
+    acc = tl.zeros((LANE_TILE,), dtype=tl.uint64)
+    if addr % 8 == 0:
+        words = src.to(tl.pointer_type(tl.uint64))
+        for start in range(0, n_full, LANE_TILE):
+            lane = start + j
+            m = lane < n_full
+            w = tl.load(words + lane, mask=m, other=0)
+            z = w + (lane0 + lane + 1).to(tl.uint64) * _LANE_KEY
+            acc += tl.where(m, _fmix(z), 0)
+    else:
+        for start in range(0, n_full, LANE_TILE):
+            lane = start + j
+            m = lane < n_full
+            pos = lane[:, None] * 8 + k[None, :]
+            b = tl.load(src + pos, mask=m[:, None], other=0).to(tl.uint64)
+            w = tl.sum(b << shifts[None, :], axis=1)
+            z = w + (lane0 + lane + 1).to(tl.uint64) * _LANE_KEY
+            acc += tl.where(m, _fmix(z), 0)
+    rest = nbytes - n_full * 8
+    tb = tl.load(src + n_full * 8 + k, mask=k < rest, other=0).to(tl.uint64)
+    tw = tl.sum(tb << shifts, axis=0)
+    tz = _fmix(tw + (lane0 + n_full + 1).to(tl.uint64) * _LANE_KEY)
+    total = tl.sum(acc, axis=0)
+    return tl.where(rest > 0, total + tz, total)
+
+
+@jit_kernel
 def _checksum_kernel(
     # launch table: (n_blocks, 4) int64 rows (address, offset, nbytes, wide), one per program
     blocks_ptr,
@@ -124,6 +168,11 @@ class ChecksumTable:
         return self.pack.n_regions
 
 
+AnyTable = Union[torch.Tensor, PackTable, ChecksumTable]
+"""What the checksum launchers take: a region table, a prepared pack table or a checksum table."""
+DeviceLike = Union[torch.device, str, int, None]
+
+
 def _aux_rows(host: torch.Tensor) -> torch.Tensor:
     """Per launch row (regions cut in BLOCK-byte chunks, in order): (region, first lane)."""
     nbytes = host[:, 2].clamp(min=0)
@@ -144,8 +193,14 @@ def _regions_only(table: object) -> torch.Tensor:
     return host
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # from pinned memory, without blocking (see prepare_table)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def prepare_checksum_table(
-    table: torch.Tensor | PackTable, device: torch.device | str | int | None = None, *, validate: bool = True
+    table: torch.Tensor | PackTable, device: DeviceLike = None, *, validate: bool = True
 ) -> ChecksumTable:
     """Everything a checksum launch needs, on ``device`` (a PackTable's own device by default).
 
@@ -166,12 +221,7 @@ def prepare_checksum_table(
     if aux.shape[0] != pt.n_blocks:  # pragma: no cover - the two chunkings are the same rule
         raise RegionTableError(f"checksum rows ({aux.shape[0]}) do not match the launch rows ({pt.n_blocks})")
     dev = pt.device
-    if dev.type == "cuda":
-        aux_d = aux.pin_memory().to(dev, non_blocking=True)
-        nbytes = pt.regions[:, 2].clamp(min=0).contiguous().pin_memory().to(dev, non_blocking=True)
-    else:
-        aux_d = aux.to(dev)
-        nbytes = pt.regions[:, 2].clamp(min=0).contiguous().to(dev)
+    aux_d, nbytes = (_to_device(t, dev) for t in (aux, pt.regions[:, 2].clamp(min=0).contiguous()))
     return ChecksumTable(
         pack=pt,
         aux=aux_d,
@@ -181,17 +231,18 @@ def prepare_checksum_table(
     )
 
 
-def _check_out(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+def check_out(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     if out is None:
         return torch.empty(n, dtype=torch.int64, device=device)
-    if not isinstance(out, torch.Tensor) or out.dtype != torch.int64 or out.shape != (n,) or out.device != device:
-        got = (
-            f"dtype={out.dtype}, shape={tuple(out.shape)}, device={out.device}"
-            if isinstance(out, torch.Tensor)
-            else type(out).__name__
-        )
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.dtype != torch.int64
+        or out.shape != (n,)
+        or out.device != device
+    ):
         raise RegionTableError(
-            f"the checksum output must be an int64 tensor of shape ({n},) on {device}, one per region; got {got}"
+            f"the checksum output must be an int64 tensor of shape ({n},) on {device}, one per region; "
+            f"got {tensor_text(out)}"
         )
     if not out.is_contiguous():
         raise RegionTableError(f"the checksum output must be contiguous; got stride {out.stride()}")
@@ -210,7 +261,7 @@ def combine_partials(ct: ChecksumTable, out: torch.Tensor) -> torch.Tensor:
 def _launch(ct: ChecksumTable) -> None:
     if ct.pack.n_blocks == 0:
         return
-    with _device_context(ct.device):
+    with device_context(ct.device):
         _checksum_kernel[(ct.pack.n_blocks,)](
             blocks_ptr=ct.pack.blocks,
             aux_ptr=ct.aux,
@@ -221,13 +272,13 @@ def _launch(ct: ChecksumTable) -> None:
         )
 
 
-def _device_of(table: torch.Tensor | PackTable | ChecksumTable, device: Any) -> torch.device:
-    if isinstance(table, ChecksumTable):
-        return table.device
-    if isinstance(table, PackTable):
+def _device_of(table: AnyTable, device: DeviceLike) -> torch.device:
+    if isinstance(table, (ChecksumTable, PackTable)):
         return table.device
     if device is None:
-        raise RegionTableError("region_checksums needs device= with a raw region table (where the regions live)")
+        raise RegionTableError(
+            "region_checksums needs device= with a raw region table (where the regions live)"
+        )
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -235,11 +286,7 @@ def _device_of(table: torch.Tensor | PackTable | ChecksumTable, device: Any) -> 
 
 
 def region_checksums_reference(
-    table: torch.Tensor | PackTable | ChecksumTable,
-    out: torch.Tensor | None = None,
-    *,
-    device: torch.device | str | int | None = None,
-    validate: bool = True,
+    table: AnyTable, out: torch.Tensor | None = None, *, device: DeviceLike = None, validate: bool = True
 ) -> torch.Tensor:
     """Plain-torch :func:`region_checksums`: one region at a time, on the current stream.
 
@@ -253,24 +300,25 @@ def region_checksums_reference(
     else:
         host = _regions_only(table)
         if validate:
-            from stager.kernels.table import validate_table
-
             validate_table(host)
-    out = _check_out(out, int(host.shape[0]), dev)
+    out = check_out(out, int(host.shape[0]), dev)
     values = []
-    with _device_context(dev):
+    with device_context(dev):
         for address, _, nbytes in host.tolist():
-            data = _bytes_at(address, nbytes, dev) if nbytes > 0 else torch.empty(0, dtype=torch.uint8, device=dev)
+            if nbytes > 0:
+                data = bytes_at(address, nbytes, dev)
+            else:
+                data = torch.empty(0, dtype=torch.uint8, device=dev)
             values.append(lanes64.to_signed(lanes64.checksum_tensor_torch(data)))
     out.copy_(torch.tensor(values, dtype=torch.int64).reshape(-1))
     return out
 
 
 def region_checksums(
-    table: torch.Tensor | PackTable | ChecksumTable,
+    table: AnyTable,
     out: torch.Tensor | None = None,
     *,
-    device: torch.device | str | int | None = None,
+    device: DeviceLike = None,
     validate: bool = True,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
@@ -285,7 +333,7 @@ def region_checksums(
     Raises :class:`~stager.kernels.errors.RegionTableError` for a malformed table or output.
     """
     dev = _device_of(table, device)
-    kernel = _use_kernel(use_triton, dev)
+    kernel = use_kernel(use_triton, dev)
     if not kernel:
         return region_checksums_reference(table, out, device=dev, validate=validate)
     if isinstance(table, ChecksumTable):
@@ -294,6 +342,6 @@ def region_checksums(
         ct = prepare_checksum_table(table)
     else:
         ct = prepare_checksum_table(table, dev, validate=validate)
-    out = _check_out(out, ct.n_regions, dev)
+    out = check_out(out, ct.n_regions, dev)
     _launch(ct)
     return combine_partials(ct, out)

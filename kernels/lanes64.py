@@ -90,9 +90,6 @@ def format_checksum(value: int) -> str:
     return f"0x{to_unsigned(value):016x}"
 
 
-# ------------------------------------------------------------------------------ pure Python
-
-
 def _fmix(z: int) -> int:
     z ^= z >> 30
     z = (z * MIX1) & _MASK
@@ -111,8 +108,6 @@ def checksum_bytes(data: bytes | bytearray | memoryview) -> int:
         total += _fmix((lane + (i // 8 + 1) * LANE_KEY) & _MASK)
     return _fmix((total & _MASK) ^ (((n + 1) * LENGTH_KEY) & _MASK))
 
-
-# ------------------------------------------------------------------------------ plain torch
 
 _S_LANE_KEY = to_signed(LANE_KEY)
 _S_MIX1 = to_signed(MIX1)
@@ -160,8 +155,6 @@ def checksum_tensor_torch(data: torch.Tensor) -> int:
     out = finalize_torch(total.reshape(1), torch.tensor([n], dtype=torch.int64, device=data.device))
     return to_unsigned(int(out.item()))
 
-
-# ------------------------------------------------------------------------------ numpy, vectorised
 
 _U = np.uint64
 _CHUNK_LANES = 1 << 15  # 256 KiB of lanes per step: the temporaries stay in a core's cache
@@ -235,7 +228,11 @@ def _full_lane_sums(
 
 
 def span_checksums(
-    buf: np.ndarray, starts: Sequence[int] | np.ndarray, nbytes: Sequence[int] | np.ndarray, *, threads: int = 1
+    buf: np.ndarray,
+    starts: Sequence[int] | np.ndarray,
+    nbytes: Sequence[int] | np.ndarray,
+    *,
+    threads: int = 1,
 ) -> np.ndarray:
     """Checksums of the regions ``buf[starts[r] : starts[r] + nbytes[r]]``, as ``uint64``.
 
@@ -253,7 +250,9 @@ def span_checksums(
     if n == 0:
         return np.zeros(0, dtype=_U)
     if np.any(st % 8) or np.any(nb < 0) or np.any(st < 0) or np.any(st + nb > buf.size):
-        raise ValueError("span_checksums: every region needs a start that is a multiple of 8 and must lie in buf")
+        raise ValueError(
+            "span_checksums: every region needs a start that is a multiple of 8 and must lie in buf"
+        )
     if np.any(st[1:] < st[:-1] + nb[:-1]):
         raise ValueError("span_checksums: regions must be sorted by start and must not overlap")
     full = nb // 8
@@ -272,7 +271,12 @@ def span_checksums(
         else:
             bounds = [lo + (hi - lo) * k // parts for k in range(parts + 1)]
             with ThreadPoolExecutor(parts) as pool:
-                partial = list(pool.map(lambda k: _full_lane_sums(lanes, ah, bh, corr, bounds[k], bounds[k + 1]), range(parts)))
+                partial = list(
+                    pool.map(
+                        lambda k: _full_lane_sums(lanes, ah, bh, corr, bounds[k], bounds[k + 1]),
+                        range(parts),
+                    )
+                )
             acc = np.zeros(has.size, dtype=_U)
             for p in partial:
                 acc += p

@@ -42,15 +42,8 @@ import torch
 from stager.kernels.errors import RegionTableError
 
 __all__ = [
-    "BLOCK",
-    "WIDE_MIN",
-    "WORD",
-    "PackTable",
-    "packed_size",
-    "prepare_table",
-    "table_from_tensors",
-    "table_from_triples",
-    "validate_table",
+    "BLOCK", "WIDE_MIN", "WORD", "PackTable", "packed_size", "prepare_table", "table_from_tensors",
+    "table_from_triples", "validate_table"
 ]
 
 #: Bytes per launch-table row (one program's share of a region). A multiple of :data:`WORD`.
@@ -324,3 +317,86 @@ def prepare_table(
         validated=validate,
         scatter_conflict=scatter_conflict,
     )
+
+
+def tensor_text(value: object) -> str:
+    """``dtype=..., shape=..., device=...`` of a tensor, else its type name (for error messages)."""
+    if isinstance(value, torch.Tensor):
+        return f"dtype={value.dtype}, shape={tuple(value.shape)}, device={value.device}"
+    return type(value).__name__
+
+
+def _check_buffer(buf: object, name: str) -> torch.Tensor:
+    if not isinstance(buf, torch.Tensor):
+        raise RegionTableError(
+            f"{name} must be a contiguous uint8 tensor; got {type(buf).__name__}"
+        )
+    if buf.dtype != torch.uint8 or not buf.is_contiguous():
+        raise RegionTableError(
+            f"{name} must be a contiguous uint8 tensor; got dtype={buf.dtype}, "
+            f"shape={tuple(buf.shape)}, stride={tuple(buf.stride())}; pass a "
+            f"torch.empty(n, dtype=torch.uint8) buffer or a .view(torch.uint8) of one"
+        )
+    return buf
+
+
+def _first_past_end(regions: torch.Tensor, limit: int) -> str:
+    off, nbytes = regions[:, 1], regions[:, 2]
+    i = int(torch.nonzero((nbytes > 0) & (off + nbytes > limit))[0, 0])
+    a, o, n = (int(v) for v in regions[i].tolist())
+    return (
+        f"region table row {i} (address=0x{a:x}, offset={o}, nbytes={n}): ends at byte {o + n}, "
+        f"past the end of the packed buffer ({limit} bytes); use a larger buffer or fix the offset"
+    )
+
+
+def table_for_buffer(
+    table: torch.Tensor | PackTable,
+    buf: torch.Tensor,
+    name: str,
+    *,
+    validate: bool,
+    scatter: bool,
+    blocks: bool,
+) -> PackTable:
+    """Check the packed buffer ``buf`` (argument ``name`` of a launcher) against ``table``;
+    prepare a raw table (without its launch rows unless ``blocks``) on ``buf``'s device."""
+    buf = _check_buffer(buf, name)
+    if isinstance(table, PackTable):
+        pt = table
+        if pt.device != buf.device:
+            raise RegionTableError(
+                f"the prepared table is for {pt.device} but {name} is on {buf.device}; "
+                f"prepare the table on the buffer's device"
+            )
+    else:
+        if (
+            isinstance(table, torch.Tensor)
+            and table.device.type != "cpu"
+            and table.device != buf.device
+        ):
+            raise RegionTableError(
+                f"the region table is on {table.device} but {name} is on {buf.device}; keep the "
+                f"table on the host or on the buffer's device"
+            )
+        if blocks:
+            pt = prepare_table(table, buf.device, validate=validate)
+        else:
+            host = _check_format(table)
+            if validate:
+                validate_table(host, packed_nbytes=buf.numel(), for_scatter=scatter)
+            pt = PackTable(
+                regions=host,
+                blocks=host.new_empty(0, 4),
+                device=buf.device,
+                packed_nbytes=_packed_end(host),
+                nbytes=0,
+                wide_nbytes=0,
+                validated=validate,
+                scatter_conflict=None,
+            )
+    if pt.packed_nbytes > buf.numel():
+        raise RegionTableError(_first_past_end(pt.regions, buf.numel()))
+    if scatter and validate and pt.scatter_conflict is not None:
+        raise RegionTableError(pt.scatter_conflict)
+    return pt

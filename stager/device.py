@@ -35,19 +35,22 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from stager import nvtx
 from stager.envs import Mode, format_size
+from stager.graphs.bindings import Bindings, bind_program
 from stager.graphs.cuda_graph import Action, CaptureKey, CudaGraphExecutor, capture_key
 from stager.graphs.eager import run_eager
-from stager.graphs.program import Bindings, Program, bind_program, build_program
+from stager.graphs.program import Program, build_program
 
 if TYPE_CHECKING:
-    from stager.arena import StagedSet
     from stager.config import StagerConfig
+    from stager.headroom import LinkInfo
     from stager.plan import Plan
+    from stager.staged_set import StagedSet
     from stager.stats import StageStats
 
 __all__ = ["CHUNK_SLOTS", "DeviceCopier", "PendingCopy", "combine_executor", "device_checksums", "use_triton"]
@@ -62,7 +65,6 @@ side stream ranks below a training stream only if that one was created with a hi
 
 _EXECUTOR_RANK = {"cpu": 0, "eager": 1, "graph-replay": 2, "graph-capture": 3}
 _EXECUTOR_OF = {Action.CAPTURE: "graph-capture", Action.REPLAY: "graph-replay", Action.EAGER: "eager"}
-_UNREAD = object()
 
 
 def combine_executor(a: str, b: str) -> str:
@@ -85,20 +87,20 @@ class PendingCopy:
     becomes part of that capture), else at once.
     """
 
-    def __init__(self, graveyard: list[Any] | None = None) -> None:
+    def __init__(self, graveyard: list[list[object]] | None = None) -> None:
         self.t0 = time.perf_counter()
-        self._events: list[Any] = []
-        self._keep: list[Any] = []
+        self._events: list[torch.cuda.Event] = []
+        self._keep: list[object] = []
         self._graveyard = graveyard
         self._checksums: list[tuple["StagedSet", torch.Tensor, tuple[int, ...]]] = []
 
     @property
-    def events(self) -> tuple[Any, ...]:
+    def events(self) -> tuple[torch.cuda.Event, ...]:
         """The done events (``torch.cuda.Event``, one per device): a stream that must see the
         staged bytes, or must not overwrite the sources yet, waits on these."""
         return tuple(self._events)
 
-    def add(self, event: Any, keep: Any) -> None:
+    def add(self, event: torch.cuda.Event, keep: object) -> None:
         """Add a device's done ``event``, and what must stay alive until it completes."""
         self._events.append(event)
         self._keep.append(keep)
@@ -167,13 +169,14 @@ class DeviceCopier:
             raise ValueError(f"DeviceCopier needs an indexed CUDA device, got {device}")
         self.device = device
         self.config = config
-        self._stream: Any = None
+        self._stream: torch.cuda.Stream | None = None
         self._programs: "weakref.WeakKeyDictionary[Plan, Program]" = weakref.WeakKeyDictionary()
         self.program: Program | None = None
         """The staging program of the plan staged last."""
         self.path = ""
         """``packed`` or ``direct``: what the program staged last does."""
-        self._link: Any = _UNREAD
+        self._link: LinkInfo | None = None
+        self._link_read = False
         self._index = device.index
         self._chunks: tuple[torch.Tensor, ...] = ()
         self._entries: "weakref.WeakKeyDictionary[StagedSet, _Entry]" = weakref.WeakKeyDictionary()
@@ -182,10 +185,8 @@ class DeviceCopier:
         self.replays = 0
         """CUDA-graph replays made by this copier so far (one per stage, whatever the pieces)."""
 
-    # ------------------------------------------------------------------ resources
-
     @property
-    def stream(self) -> Any:
+    def stream(self) -> torch.cuda.Stream:
         """The low-priority side stream every staging op of this device runs on."""
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device, priority=_LOW_PRIORITY)
@@ -210,15 +211,14 @@ class DeviceCopier:
         self.program = None
         self._chunks = ()
 
-    def link(self) -> Any:
+    def link(self) -> LinkInfo | None:
         """The device's PCIe link (:class:`stager.headroom.LinkInfo`, or None), read once."""
-        if self._link is _UNREAD:
+        if not self._link_read:
             from stager.headroom import read_link
 
             self._link = read_link(self._index)
+            self._link_read = True
         return self._link
-
-    # ------------------------------------------------------------------ program and chunks
 
     def _decide_packing(self, program: Program) -> tuple[bool, int, str]:
         """Pack or not, and with which chunk size: the single place this is decided.
@@ -289,13 +289,14 @@ class DeviceCopier:
         self.program = program
         self.path = "packed" if program.packed else "direct"
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("stager: %s", program.describe())
+            log.debug("stager: %s", program.describe(format_size))
         return program
 
     def _ensure_chunks(self, program: Program) -> bool:
         """Make sure ``program.slots`` chunks of ``program.chunk_bytes`` exist; False on OOM."""
         have = self._chunks
-        if len(have) >= program.slots and all(c.numel() >= program.chunk_bytes for c in have[: program.slots]):
+        wanted = have[: program.slots]
+        if len(have) >= program.slots and all(c.numel() >= program.chunk_bytes for c in wanted):
             return True
         self._chunks = ()
         self._drop_entries()  # their graphs address the old chunks
@@ -310,15 +311,15 @@ class DeviceCopier:
         with torch.cuda.stream(self.stream):
             return tuple(torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(slots))
 
-    # ------------------------------------------------------------------ staging
-
     def _graphs_wanted(self, staged_set: "StagedSet", stats: "StageStats") -> bool:
         mode = self.config.graphs
         if mode is Mode.OFF or not staged_set.cached:
             return False
         if not staged_set.arena.pinned:
             if mode is Mode.ON:
-                stats.notes.append(f"{self.device}: STAGER_GRAPHS=on but the arena is not pinned; eager copies")
+                stats.notes.append(
+                    f"{self.device}: STAGER_GRAPHS=on but the arena is not pinned; eager copies"
+                )
             return False
         return True
 
@@ -359,7 +360,7 @@ class DeviceCopier:
         self,
         plan: "Plan",
         staged_set: "StagedSet",
-        wait_for: Any,
+        wait_for: torch.cuda.Event | torch.cuda.Stream,
         stats: "StageStats",
         pending: PendingCopy | None = None,
     ) -> PendingCopy:
@@ -368,8 +369,9 @@ class DeviceCopier:
         ``wait_for`` is what produced the sources: a ``torch.cuda.Event`` recorded on the
         caller's stream when ``stage()`` was called, or that stream itself; the side stream waits
         for it on the device. Returns ``pending`` (a new one by default) at once, with the done
-        event and what the copies use added: wait on it before reading the staged tensors. The caller has checked the
-        plan against the sources of this call (nothing here reads their addresses again).
+        event and what the copies use added: wait on it before reading the staged tensors. The
+        caller has checked the plan against the sources of this call (nothing here reads their
+        addresses again).
         """
         cfg = self.config
         if pending is None:
@@ -400,7 +402,9 @@ class DeviceCopier:
             try:
                 if graphs:
                     if entry.executor is None:
-                        entry.executor = CudaGraphExecutor(side, pieces=cfg.replay_pieces, nvtx_enabled=cfg.nvtx)
+                        entry.executor = CudaGraphExecutor(
+                            side, pieces=cfg.replay_pieces, ranges=nvtx.ranges(cfg.nvtx)
+                        )
                         entry.key = capture_key(bindings)
                     action = entry.executor.run(bindings, entry.key, done)
                     if action is Action.CAPTURE:
@@ -409,12 +413,14 @@ class DeviceCopier:
                         self.replays += 1
                     executor = _EXECUTOR_OF[action]
                     if action is Action.EAGER and entry.executor.tracker.failure:
-                        note = f"{self.device}: graph capture failed ({entry.executor.tracker.failure}); eager"
+                        failure = entry.executor.tracker.failure
+                        note = f"{self.device}: graph capture failed ({failure}); eager"
                         if note not in stats.notes:
                             stats.notes.append(note)
-                    keep: Any = (bindings, entry.executor.keepalive(), plan.src_views, self._chunks)
+                    keepalive = entry.executor.keepalive()
+                    keep: tuple[object, ...] = (bindings, keepalive, plan.src_views, self._chunks)
                 else:
-                    run_eager(bindings, stream=side, nvtx_enabled=cfg.nvtx, done=done)
+                    run_eager(bindings, stream=side, ranges=nvtx.ranges(cfg.nvtx), done=done)
                     executor = "eager"
                     keep = (bindings, plan.src_views, self._chunks)
             except BaseException:

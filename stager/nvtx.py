@@ -27,24 +27,20 @@ import logging
 import re
 import threading
 from concurrent.futures import Future
-from typing import Any, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import torch
 
 __all__ = [
-    "range",
-    "PHASES",
-    "CheckpointSet",
-    "parse_checkpoints",
-    "profiler_window",
-    "ProfilerWindow",
-    "WindowToken",
+    "range", "ranges", "PHASES", "CheckpointSet", "parse_checkpoints", "profiler_window", "ProfilerWindow",
+    "WindowToken"
 ]
 
 log = logging.getLogger("stager")
 
 PHASES = (
-    "stager/plan", "stager/capture", "stager/replay", "stager/pack", "stager/copy", "stager/restore", "stager/write",
+    "stager/plan", "stager/capture", "stager/replay", "stager/pack", "stager/copy", "stager/restore",
+    "stager/write",
 )
 _NULL = contextlib.nullcontext()
 _cuda: bool | None = None  # torch.cuda.is_available(), read once (it initialises no context)
@@ -101,9 +97,15 @@ def range(name: str, enabled: bool) -> ContextManager[None]:  # noqa: A001 - mir
     return _Range(name)
 
 
-# --------------------------------------------------------------------------------------------
-# A window of checkpoints for nsys --capture-range=cudaProfilerApi
-# --------------------------------------------------------------------------------------------
+def _no_range(name: str) -> ContextManager[None]:
+    return _NULL
+
+
+def ranges(enabled: bool) -> Callable[[str], ContextManager[None]]:
+    """:func:`range` with ``enabled`` fixed: makes the range of a phase from its name alone (what
+    the staging executors of :mod:`stager.graphs` take)."""
+    return _Range if enabled else _no_range
+
 
 _TERM = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$")
 
@@ -174,7 +176,8 @@ class WindowToken:
         ``add_done_callback`` will do) or anything else (the range ends at the block's exit).
         Returns ``result``.
         """
-        if self._stop and (isinstance(result, Future) or callable(getattr(result, "add_done_callback", None))):
+        waitable = isinstance(result, Future) or callable(getattr(result, "add_done_callback", None))
+        if self._stop and waitable:
             self._deferred = True
             result.add_done_callback(lambda _: self._window._stop())
         return result

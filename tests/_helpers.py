@@ -17,7 +17,9 @@ ALL_DTYPES = [
 ]
 
 
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int | torch.Generator = 0) -> torch.Tensor:
+def random_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, seed: int | torch.Generator = 0
+) -> torch.Tensor:
     """Random bytes reinterpreted as ``dtype`` (every bit pattern, NaNs included)."""
     g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     n = 1

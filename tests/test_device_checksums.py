@@ -15,29 +15,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import _staging as fakes
 import pytest
 import torch
-from test_graphs import (  # noqa: F401 - fake_cuda is a fixture
-    CPU,
-    GPU0,
-    POISON,
-    FakeGraph,
-    FakeStream,
-    KiB,
-    _assert_same,
-    _chunks,
-    _cpu_copier,
-    _pinned_set,
-    _state_dict,
-    fake_cuda,
-    plan_of,
-    raw,
-    regions,
-)
+from _helpers import POISON, assert_same
+from _staging import CPU, GPU0, KiB, chunks_for, mixed_state_dict, plan_of, raw, regions
 
 from stager import GraphStager, StageStats
-from stager.arena import HostArena, StagedSet
+from stager.arena import HostArena
 from stager.device import PendingCopy, device_checksums
+from stager.envs import format_size
 from stager.errors import IntegrityError
 from stager.graphs import (
     ChecksumCopyOp,
@@ -52,6 +39,7 @@ from stager.graphs import (
 from stager.integrity import region_of, verify_staged_tensors
 from stager.kernels import kernel_backend, lanes64
 from stager.plan import Plan
+from stager.staged_set import StagedSet
 from stager.tree import rebuild
 
 BACKENDS = [
@@ -65,10 +53,15 @@ BACKENDS = [
     ),
 ]
 
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    fakes.install_fake_cuda(monkeypatch)
+
 
 def expected(plan: Plan, index: list[int] | tuple[int, ...]) -> list[int]:
     """The checksum of each region's source bytes, from the definition (int64 bits)."""
-    return [lanes64.to_signed(lanes64.checksum_bytes(plan.src_views[i].cpu().numpy().tobytes())) for i in index]
+    data = [plan.src_views[i].cpu().numpy().tobytes() for i in index]
+    return [lanes64.to_signed(lanes64.checksum_bytes(b)) for b in data]
 
 
 def _buffers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,9 +74,6 @@ def _with_empty(sd: dict[str, Any]) -> dict[str, Any]:
     return sd
 
 
-# ------------------------------------------------------------------------------ the program
-
-
 def test_a_checksum_program_hashes_every_region_once_and_copies_the_values_last() -> None:
     rs = regions([100, 300, 5000, 64 * KiB, 10, 20, 30, 70 * KiB])
     plain = build_program(rs, CPU, pack_threshold=8 * KiB, chunk_size=1 << 20)
@@ -91,7 +81,8 @@ def test_a_checksum_program_hashes_every_region_once_and_copies_the_values_last(
     assert p.checksum and not plain.checksum and plain.checksum_regions == ()
     assert p != plain and p.key != plain.key  # a different program, so a different capture
     # the same copies, plus the checksum launch and the copy of the values before the done marker
-    assert [op.kind for op in p.ops] == [op.kind for op in plain.ops][:-1] + ["checksum", "copy-sums", "record"]
+    plain_kinds = [op.kind for op in plain.ops]
+    assert [op.kind for op in p.ops] == plain_kinds[:-1] + ["checksum", "copy-sums", "record"]
     assert sorted(p.checksum_regions) == sorted(p.regions)  # one slot per region
     packs = [op for op in p.ops if isinstance(op, PackOp)]
     for op in packs:  # each pack writes the contiguous slots of its own regions
@@ -102,22 +93,26 @@ def test_a_checksum_program_hashes_every_region_once_and_copies_the_values_last(
     assert isinstance(p.ops[-2], ChecksumCopyOp) and p.ops[-2].count == 8
     assert isinstance(p.ops[-1], RecordEventOp)
     assert all(op.checksum_at == -1 for op in plain.ops if isinstance(op, PackOp))
-    assert "checksums on the device" in p.describe() and "8 checksums -> host" in p.describe()
+    text = p.describe(format_size)
+    assert "checksums on the device" in text and "8 checksums -> host" in text
     for n in (1, 2, 3, 10):  # the checksum ops ride in the last piece, as the done marker does
         assert len(p.pieces(n)) == len(plain.pieces(n))
         assert p.pieces(n)[-1].stop == len(p.ops)
 
 
 def test_a_program_of_packed_regions_only_launches_no_checksum_kernel() -> None:
-    p = build_program(regions([100, 200, 300]), CPU, pack_threshold=8 * KiB, chunk_size=1 << 20, checksum=True)
+    rs = regions([100, 200, 300])
+    p = build_program(rs, CPU, pack_threshold=8 * KiB, chunk_size=1 << 20, checksum=True)
     assert [op.kind for op in p.ops] == ["pack", "copy-chunk", "copy-sums", "record"]
     assert p.checksum_regions == (0, 1, 2)
 
 
 @pytest.mark.parametrize("use_triton_", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_an_eager_checksum_program_computes_each_regions_checksum_bit_exactly(use_triton_: bool, seed: int) -> None:
-    sd = _with_empty(_state_dict(seed))
+def test_an_eager_checksum_program_computes_each_regions_checksum_bit_exactly(
+    use_triton_: bool, seed: int
+) -> None:
+    sd = _with_empty(mixed_state_dict(seed))
     plan, tensors, others = plan_of(sd)
     program = build_program(plan.regions, CPU, pack_threshold=8 * KiB, chunk_size=1 << 20, checksum=True)
     assert program.packed and program.directs
@@ -125,11 +120,11 @@ def test_an_eager_checksum_program_computes_each_regions_checksum_bit_exactly(us
     staged_set.arena.tensor.fill_(POISON)
     dev, host = _buffers(len(program.checksum_regions))
     bindings = bind_program(
-        program, plan.src_views, staged_set.arena.tensor, _chunks(program),
+        program, plan.src_views, staged_set.arena.tensor, chunks_for(program),
         use_triton=use_triton_, checksums=dev, host_checksums=host,
     )
     run_eager(bindings)
-    _assert_same(sd, rebuild(plan.tokens, staged_set.tensors, tensors, others))  # still a bit-exact copy
+    assert_same(sd, rebuild(plan.tokens, staged_set.tensors, tensors, others))  # still a bit-exact copy
     want = expected(plan, program.checksum_regions)
     assert dev.tolist() == want and host.tolist() == want
     for t in sd.values():
@@ -143,25 +138,23 @@ def test_bind_needs_both_checksum_buffers_of_the_right_shape() -> None:
     program = build_program(plan.regions, CPU, pack_threshold=1000, chunk_size=1 << 20, checksum=True)
     arena = HostArena(plan.arena_bytes).tensor
     dev, host = _buffers(3)
+    views, chunks = plan.src_views, chunks_for(program)
     with pytest.raises(ValueError, match="needs checksums: a contiguous int64 tensor of 3 elements"):
-        bind_program(program, plan.src_views, arena, _chunks(program), host_checksums=host)
+        bind_program(program, plan.src_views, arena, chunks_for(program), host_checksums=host)
     with pytest.raises(ValueError, match="needs host_checksums"):
-        bind_program(program, plan.src_views, arena, _chunks(program), checksums=dev)
+        bind_program(program, plan.src_views, arena, chunks_for(program), checksums=dev)
     with pytest.raises(ValueError, match="got dtype=torch.int32"):
-        bind_program(program, plan.src_views, arena, _chunks(program), checksums=dev.int(), host_checksums=host)
+        bind_program(program, views, arena, chunks, checksums=dev.int(), host_checksums=host)
     with pytest.raises(ValueError, match=r"shape=\(2,\)"):
-        bind_program(program, plan.src_views, arena, _chunks(program), checksums=dev[:2], host_checksums=host)
-    b = bind_program(program, plan.src_views, arena, _chunks(program), checksums=dev, host_checksums=host)
-    other = bind_program(program, plan.src_views, arena, _chunks(program), checksums=dev.clone(), host_checksums=host)
+        bind_program(program, views, arena, chunks, checksums=dev[:2], host_checksums=host)
+    b = bind_program(program, views, arena, chunks, checksums=dev, host_checksums=host)
+    other = bind_program(program, views, arena, chunks, checksums=dev.clone(), host_checksums=host)
     assert capture_key(b) != capture_key(other)  # a capture bakes the checksum buffers in
-
-
-# ------------------------------------------------------------------------------ the copier, CUDA faked
 
 
 def _launch(copier: Any, plan: Plan, staged_set: StagedSet) -> tuple[StageStats, PendingCopy]:
     stats = StageStats()
-    pending = copier.launch(plan, staged_set, FakeStream(), stats)
+    pending = copier.launch(plan, staged_set, fakes.FakeStream(), stats)
     pending.wait()
     return stats, pending
 
@@ -171,10 +164,10 @@ def _launch(copier: Any, plan: Plan, staged_set: StagedSet) -> tuple[StageStats,
 def test_captured_checksums_are_bit_exact_and_follow_in_place_updates_on_replay(
     fake_cuda: None, use_triton_: bool, pieces: int
 ) -> None:
-    sd = _with_empty(_state_dict(5))
+    sd = _with_empty(mixed_state_dict(5))
     plan, tensors, others = plan_of(sd)
-    copier = _cpu_copier(checksum="on", replay_pieces=pieces, triton="on" if use_triton_ else "off")
-    staged_set = _pinned_set(plan)
+    copier = fakes.cpu_copier(checksum="on", replay_pieces=pieces, triton="on" if use_triton_ else "off")
+    staged_set = fakes.pinned_set(plan)
     stats, pending = _launch(copier, plan, staged_set)
     program = copier.program
     assert program is not None and program.checksum and program.packed and program.directs
@@ -191,17 +184,18 @@ def test_captured_checksums_are_bit_exact_and_follow_in_place_updates_on_replay(
         assert stats.executor == "graph-replay"
         index, values = device_checksums(pending, staged_set)  # type: ignore[misc]
         assert values.tolist() == expected(plan, index)
-        _assert_same(sd, rebuild(plan.tokens, staged_set.tensors, tensors, others))
+        assert_same(sd, rebuild(plan.tokens, staged_set.tensors, tensors, others))
     assert (copier.captures, copier.replays) == (1, 2)
-    assert len(FakeGraph.made) == len(program.pieces(pieces)) and all(g.replays == 2 for g in FakeGraph.made)
+    made = fakes.FakeGraph.made
+    assert len(made) == len(program.pieces(pieces)) and all(g.replays == 2 for g in made)
 
 
 def test_without_checksum_on_the_program_computes_none(fake_cuda: None) -> None:
     sd = {f"t{i}": raw(300 + i, i) for i in range(8)}
     plan, _, _ = plan_of(sd)
     for mode in ("auto", "off"):
-        copier = _cpu_copier(checksum=mode)
-        staged_set = _pinned_set(plan)
+        copier = fakes.cpu_copier(checksum=mode)
+        staged_set = fakes.pinned_set(plan)
         _, pending = _launch(copier, plan, staged_set)
         assert copier.program is not None and not copier.program.checksum
         assert pending.checksums == () and device_checksums(pending, staged_set) is None
@@ -211,12 +205,12 @@ def test_fresh_sets_are_bound_with_their_own_checksum_buffers(fake_cuda: None) -
     sd = {f"t{i}": raw(300 + i, i) for i in range(6)}
     sd["big"] = raw(30 * KiB, 9)
     plan, _, _ = plan_of(sd)
-    copier = _cpu_copier(checksum="on")
-    a, b = _pinned_set(plan, cached=False), _pinned_set(plan, cached=False)
+    copier = fakes.cpu_copier(checksum="on")
+    a, b = fakes.pinned_set(plan, cached=False), fakes.pinned_set(plan, cached=False)
     pending = PendingCopy()
-    copier.launch(plan, a, FakeStream(), StageStats(), pending)
+    copier.launch(plan, a, fakes.FakeStream(), StageStats(), pending)
     sd["big"].add_(1)
-    copier.launch(plan, b, FakeStream(), StageStats(), pending)
+    copier.launch(plan, b, fakes.FakeStream(), StageStats(), pending)
     pending.wait()
     index_a, values_a = device_checksums(pending, a)  # type: ignore[misc]
     index_b, values_b = device_checksums(pending, b)  # type: ignore[misc]
@@ -226,14 +220,11 @@ def test_fresh_sets_are_bound_with_their_own_checksum_buffers(fake_cuda: None) -
     assert values_b.tolist() == expected(plan, index_b)
 
 
-# ------------------------------------------------------------------------------ GraphStager end to end
-
-
 def _plans_split(monkeypatch: pytest.MonkeyPatch, on_cpu: str = "\0") -> None:
     """Plans whose regions count as on ``cuda:0`` (the fake device), except those under a key
     containing ``on_cpu``, which keep the CPU path (and are relabelled so that the fake copier,
     whose device is the CPU, leaves them out of its program)."""
-    import stager.stager as stager_module
+    import stager.pipeline as stager_module
 
     real_build = stager_module.build_plan
 
@@ -241,7 +232,8 @@ def _plans_split(monkeypatch: pytest.MonkeyPatch, on_cpu: str = "\0") -> None:
         plan = real_build(*args, **kwargs)
         cpu = sorted({leaf.region for leaf in plan.leaves if on_cpu in leaf.path and leaf.region >= 0})
         plan.regions = [
-            dataclasses.replace(r, device=torch.device("cpu", 0)) if r.index in cpu else r for r in plan.regions
+            dataclasses.replace(r, device=torch.device("cpu", 0)) if r.index in cpu else r
+            for r in plan.regions
         ]
         plan.device_regions = {GPU0: [i for i in plan.cpu_index if i not in cpu]}
         plan.cpu_index = cpu
@@ -256,7 +248,7 @@ def device_stager(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> Any:
     """A factory of GraphStagers with ``checksum=on`` whose cuda:0 copier is the CPU fake, and a
     record of which regions the CPU checksum pass hashed while staging."""
     import stager.integrity.staged as integrity
-    import stager.stager as stager_module
+    import stager.pipeline as stager_module
 
     class Registered(HostArena):  # as if registered with CUDA: graphs are allowed
         def __init__(self, nbytes: int, **kw: Any) -> None:
@@ -264,7 +256,7 @@ def device_stager(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> Any:
             self.pinned = True
 
     monkeypatch.setattr(stager_module, "HostArena", Registered)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fakes.FakeStream())
     hashed: list[list[int]] = []
     real_set_checksums = integrity._set_checksums
     real_checksum_staged_set = integrity.checksum_staged_set
@@ -287,9 +279,11 @@ def device_stager(fake_cuda: None, monkeypatch: pytest.MonkeyPatch) -> Any:
             self.hashed = hashed
 
         def __call__(self, **overrides: Any) -> GraphStager:
-            cfg = dict(cache_policy="cached", max_arenas=1, pack_threshold=8 * KiB, chunk_size=1 << 20, checksum="on")
+            cfg = dict(
+                cache_policy="cached", max_arenas=1, pack_threshold=8 * KiB, chunk_size=1 << 20, checksum="on"
+            )
             stager = GraphStager(**{**cfg, **overrides})
-            stager._copiers[GPU0] = _cpu_copier(checksum=stager.config.checksum.value)
+            stager._copiers[GPU0] = fakes.cpu_copier(checksum=stager.config.checksum.value)
             return stager
 
     return Factory()
@@ -311,16 +305,17 @@ def test_a_device_stage_stores_the_programs_checksums_and_verification_catches_a
     device_stager: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _plans_split(monkeypatch)
-    sd = _state_dict(6)
+    sd = mixed_state_dict(6)
     sd["tied_b"] = sd["small1"]
     with device_stager() as stager:
         for step in range(3):
             out = stager.stage(sd)
-            _assert_same(sd, out)
+            assert_same(sd, out)
             assert stager.last_stats.executor == ("graph-capture" if step == 0 else "graph-replay")
             assert device_stager.hashed == []  # no CPU pass: every region is the device's
             staged_set, _ = region_of(out["small0"])  # type: ignore[misc]
-            assert staged_set.checksums.tolist() == expected(staged_set.plan, range(len(staged_set.plan.regions)))
+            every = range(len(staged_set.plan.regions))
+            assert staged_set.checksums.tolist() == expected(staged_set.plan, every)
             report = verify_staged_tensors(_items(out))
             assert report.regions == len(staged_set.plan.regions) and not report.unverified
             del out, staged_set
@@ -343,7 +338,7 @@ def test_a_mixed_stage_takes_device_values_for_device_regions_and_hashes_the_cpu
     with device_stager() as stager:
         for _ in range(2):
             out = stager.stage(sd)
-            _assert_same(sd, out)
+            assert_same(sd, out)
             staged_set, _ = region_of(out["s0"])  # type: ignore[misc]
             plan = staged_set.plan
             cpu = sorted(plan.cpu_index)
@@ -363,18 +358,17 @@ def test_a_mixed_stage_takes_device_values_for_device_regions_and_hashes_the_cpu
             verify_staged_tensors(_items(out))
 
 
-def test_auto_stores_no_checksums_on_the_device_path(device_stager: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_stores_no_checksums_on_the_device_path(
+    device_stager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _plans_split(monkeypatch)
     sd = {f"t{i}": raw(300 + i, i) for i in range(8)}
     with device_stager(checksum="auto") as stager:
         out = stager.stage(sd)
-        _assert_same(sd, out)
+        assert_same(sd, out)
         assert region_of(out["t0"]) is None  # nothing stored, nothing to verify against
         assert verify_staged_tensors(_items(out)).unverified
         assert device_stager.hashed == []
-
-
-# ------------------------------------------------------------------------------ on a GPU
 
 
 @pytest.mark.cuda

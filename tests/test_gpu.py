@@ -36,7 +36,8 @@ def random_state_dict(device: str | torch.device, seed: int = 0, n_small: int = 
     for i in range(n_small):
         dtype = dtypes[i % len(dtypes)]
         n = rng.choice([1, 3, 17, 64, 255, 1000, 4097, 20_000])
-        raw = torch.randint(0, 256, (n * torch.empty(0, dtype=dtype).element_size(),), dtype=torch.uint8, generator=g)
+        nbytes = n * torch.empty(0, dtype=dtype).element_size()
+        raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
         if dtype is torch.bool:
             raw = raw % 2
         model[f"small.{i}"] = raw.view(dtype).to(device)
@@ -47,7 +48,10 @@ def random_state_dict(device: str | torch.device, seed: int = 0, n_small: int = 
     model["view.b"] = base[6000:9000].view(100, 30).t()  # non-contiguous
     model["tied"] = model["small.0"]
     optim = {
-        "state": {i: {"exp_avg": torch.randn(64, generator=g).to(device), "step": torch.tensor(3.0)} for i in range(20)},
+        "state": {
+            i: {"exp_avg": torch.randn(64, generator=g).to(device), "step": torch.tensor(3.0)}
+            for i in range(20)
+        },
         "param_groups": [{"lr": 1e-3, "params": list(range(20))}],
     }
     return {"model": model, "optim": optim, "epoch": 7}
@@ -105,9 +109,6 @@ def sleep_cycles(seconds: float) -> int:
     end.synchronize()
     per_ms = cycles / max(start.elapsed_time(end), 1e-3)
     return int(per_ms * seconds * 1e3)
-
-
-# ------------------------------------------------------------------------------ bit-exact staging
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -283,7 +284,10 @@ def test_a_failed_capture_falls_back_to_eager_and_says_so_once(
     monkeypatch.setattr(CudaGraphExecutor, "_capture", broken)
     sd = random_state_dict("cuda", 13, n_small=40)
     expected = host_copy(sd)
-    with caplog.at_level(logging.WARNING, logger="stager"), GraphStager(cache_policy="cached", max_arenas=1) as stager:
+    with (
+        caplog.at_level(logging.WARNING, logger="stager"),
+        GraphStager(cache_policy="cached", max_arenas=1) as stager,
+    ):
         for _ in range(3):
             out = stage_sync(stager, sd)
             assert_bit_exact(expected, out)
@@ -292,9 +296,6 @@ def test_a_failed_capture_falls_back_to_eager_and_says_so_once(
         assert stager.last_stats.captures == 0
     warnings = [r for r in caplog.records if "capture refused" in r.getMessage()]
     assert len(warnings) == 1
-
-
-# ------------------------------------------------------------------------------ async staging
 
 
 def test_future_resolves_only_after_the_copy_is_complete() -> None:
@@ -343,13 +344,11 @@ def test_sources_stay_alive_until_the_copy_is_done() -> None:
     with GraphStager(cache_policy="cached", async_staging=True) as stager:
         torch.cuda._sleep(sleep_cycles(0.2))  # the copy cannot start before the temporaries are dropped
         fut = stager.stage({k: v * 2 for k, v in base.items()})  # temporaries, dropped at once
-        junk = [torch.full((1000 + i,), float("nan"), device="cuda") for i in range(200)]  # reuse their memory
+        # reuse their memory
+        junk = [torch.full((1000 + i,), float("nan"), device="cuda") for i in range(200)]
         out = fut.result()
         del junk
         assert_bit_exact(expected, out)
-
-
-# ------------------------------------------------------------------------------ several devices
 
 
 def test_a_state_dict_spread_over_devices_gets_one_program_per_device() -> None:
@@ -392,9 +391,6 @@ def test_stage_nowait_leaves_the_copy_in_flight_behind_the_callers_stream() -> N
         torch.cuda.synchronize()
         assert bool((staged["model"]["large.1"] == 7.0).all())
         assert stager.last_stats.executor == "graph-replay"
-
-
-# ------------------------------------------------------------------------------ pinning by registration
 
 
 def test_a_registered_arena_is_pinned_and_takes_a_captured_device_to_host_copy() -> None:

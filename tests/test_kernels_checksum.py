@@ -47,7 +47,9 @@ REGIONS = [
     pytest.param([(0, BLOCK)], id="block"),
     pytest.param([(7, BLOCK + 1)], id="block+1-addr+7"),
     pytest.param([(16, 2 * BLOCK + 13)], id="three-rows"),
-    pytest.param([(2, 3), (0, 0), (40, 100), (9, 31), (1000, 5000), (17, 0), (3, 4093)], id="mixed-overlapping"),
+    pytest.param(
+        [(2, 3), (0, 0), (40, 100), (9, 31), (1000, 5000), (17, 0), (3, 4093)], id="mixed-overlapping"
+    ),
 ]
 
 
@@ -64,9 +66,6 @@ def _spec(buf: torch.Tensor, regions: list[tuple[int, int]]) -> list[int]:
 def _table(buf: torch.Tensor, regions: list[tuple[int, int]]) -> torch.Tensor:
     base = buf.data_ptr()
     return table_from_triples((base + s if n else 0, 0, n) for s, n in regions)
-
-
-# ------------------------------------------------------------------------------ the definition
 
 
 def test_known_answers_pin_version_1() -> None:
@@ -152,9 +151,6 @@ def test_numpy_pass_refuses_misaligned_or_overlapping_regions() -> None:
         lanes64.span_checksums(buf, [0, 8], [16, 8])
 
 
-# ------------------------------------------------------------------------------ the kernels
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regions", REGIONS)
 def test_kernel_matches_reference_and_definition(regions: list[tuple[int, int]], device: str) -> None:
@@ -178,13 +174,16 @@ def test_kernel_over_tensors_of_every_dtype(dtype: torch.dtype, device: str) -> 
     got = region_checksums(table, device=device, use_triton=True)
     ref = region_checksums_reference(table, device=device)
     assert torch.equal(got, ref)
-    want = [lanes64.to_signed(lanes64.checksum_bytes(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())) for t in tensors]
+    data = [t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors]
+    want = [lanes64.to_signed(lanes64.checksum_bytes(b)) for b in data]
     assert got.tolist() == want
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("regions", REGIONS)
-def test_fused_pack_copies_exactly_and_checksums_what_it_copied(regions: list[tuple[int, int]], device: str) -> None:
+def test_fused_pack_copies_exactly_and_checksums_what_it_copied(
+    regions: list[tuple[int, int]], device: str
+) -> None:
     size = max(s + n for s, n in regions) + 16
     buf = _buffer(size, device)
     base = buf.data_ptr()
@@ -236,7 +235,9 @@ def test_prepared_checksum_table_serves_repeated_launches(device: str) -> None:
     shifts=st.lists(st.integers(0, 15), min_size=8, max_size=8),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_and_fused_pack_match_reference_on_random_tables(sizes: list[int], shifts: list[int], seed: int) -> None:
+def test_kernel_and_fused_pack_match_reference_on_random_tables(
+    sizes: list[int], shifts: list[int], seed: int
+) -> None:
     if not KERNEL_ON_CPU:
         pytest.skip("the interpreter is off (a GPU is present); the cuda cases cover the kernel")
     regions, cursor = [], 0
@@ -270,8 +271,8 @@ def test_bad_outputs_and_tables_are_refused_with_what_was_given() -> None:
     with pytest.raises(RegionTableError, match="nbytes is negative"):
         region_checksums(table_from_triples([(buf.data_ptr(), 0, -1)]), device="cpu")
     with pytest.raises(RegionTableError, match=r"shape \(2,\)"):
-        pack_gather(table_from_triples([(buf.data_ptr(), 0, 8), (buf.data_ptr(), 8, 8)]), torch.empty(16, dtype=torch.uint8),
-                    checksums=torch.empty(1, dtype=torch.int64))
+        two = table_from_triples([(buf.data_ptr(), 0, 8), (buf.data_ptr(), 8, 8)])
+        pack_gather(two, torch.empty(16, dtype=torch.uint8), checksums=torch.empty(1, dtype=torch.int64))
 
 
 def test_reference_is_used_where_the_kernel_cannot_run() -> None:

@@ -1,8 +1,10 @@
-"""The import layers: ``stager.kernels`` imports nothing from ``stager`` outside itself.
+"""The import layers: ``stager.kernels`` imports nothing from ``stager`` outside itself, and
+``stager.graphs`` only the kernels, the public names of ``stager.plan`` and ``stager.tree``.
 
 The kernels sit at the bottom of the package, so they can be read, tested and reused without the
 rest of the stager; an import of ``stager.errors`` (or anything else above them) from a kernel
-file, even one inside a function, breaks that.
+file, even one inside a function, breaks that. The staging program and its executors sit just
+above them: what they need from the stager (profiler ranges, byte formatting) is handed in.
 """
 
 from __future__ import annotations
@@ -10,29 +12,31 @@ from __future__ import annotations
 import ast
 import importlib.util
 from pathlib import Path
+from typing import Callable
 
 import stager
 import stager.errors
 import stager.kernels.errors
 
 
-def _kernels_dir() -> Path:
-    spec = importlib.util.find_spec("stager.kernels")
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
     assert spec is not None and spec.submodule_search_locations
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _stager_imports(tree: ast.AST) -> list[tuple[int, str]]:
-    """Every absolute import of ``stager`` or one of its modules in ``tree``: (line, module name)."""
+def _stager_imports(tree: ast.AST, *, names: bool = False) -> list[tuple[int, str]]:
+    """Every absolute import of ``stager`` or one of its modules in ``tree``: (line, module name);
+    with ``names``, ``from`` imports give ``module.name`` for each name imported."""
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            modules = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module is not None:
-            names = [node.module]
+            modules = [f"{node.module}.{a.name}" for a in node.names] if names else [node.module]
         else:
             continue
-        found.extend((node.lineno, name) for name in names if name.split(".")[0] == "stager")
+        found.extend((node.lineno, m) for m in modules if m.split(".")[0] == "stager")
     return found
 
 
@@ -40,16 +44,51 @@ def _outside_kernels(name: str) -> bool:
     return name != "stager.kernels" and not name.startswith("stager.kernels.")
 
 
-def test_kernels_import_only_kernels() -> None:
-    files = sorted(_kernels_dir().rglob("*.py"))
-    assert any(f.name == "pack.py" for f in files), f"kernel files not found: {files}"
-    upward = [
+def _upward(package: str, known_file: str, allowed: Callable[[str], bool], *, names: bool) -> list[str]:
+    """``file:line: name`` for each import in ``package``'s files that ``allowed`` refuses."""
+    files = sorted(_package_dir(package).rglob("*.py"))
+    assert any(f.name == known_file for f in files), f"{package} files not found: {files}"
+    return [
         f"{f.name}:{line}: {name}"
         for f in files
-        for line, name in _stager_imports(ast.parse(f.read_text(), filename=str(f)))
-        if _outside_kernels(name)
+        for line, name in _stager_imports(ast.parse(f.read_text(), filename=str(f)), names=names)
+        if not allowed(name)
     ]
+
+
+def test_kernels_import_only_kernels() -> None:
+    upward = _upward("stager.kernels", "pack.py", lambda name: not _outside_kernels(name), names=False)
     assert upward == [], f"stager.kernels imports from stager outside stager.kernels: {upward}"
+
+
+def _allowed_in_graphs(name: str) -> bool:
+    """``name`` is ``module`` or ``module.imported_name`` (see ``_stager_imports(names=True)``)."""
+    if not _outside_kernels(name) or name.startswith("stager.graphs."):
+        return True
+    for module in ("stager.plan", "stager.tree"):
+        if name == module or (name.startswith(module + ".") and not name.rsplit(".", 1)[1].startswith("_")):
+            return True
+    return False
+
+
+def test_graphs_import_only_kernels_plan_and_tree() -> None:
+    upward = _upward("stager.graphs", "cuda_graph.py", _allowed_in_graphs, names=True)
+    assert upward == [], f"stager.graphs imports from stager outside its layer: {upward}"
+
+
+def test_graphs_checker_flags_what_is_above_them() -> None:
+    src = (
+        "from stager import nvtx\n"
+        "from stager.envs import format_size\n"
+        "from stager.plan import Region, _private\n"
+        "from stager.tree import walk\n"
+        "from stager.kernels import pack_gather\n"
+        "from stager.graphs.ops import PackOp\n"
+        "import stager.device\n"
+    )
+    found = _stager_imports(ast.parse(src), names=True)
+    flagged = [name for _, name in found if not _allowed_in_graphs(name)]
+    assert flagged == ["stager.nvtx", "stager.envs.format_size", "stager.plan._private", "stager.device"]
 
 
 def test_checker_sees_lazy_and_bare_imports() -> None:

@@ -36,10 +36,9 @@ def _all_threads() -> dict[str, Any]:
     return {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
 
 
-# ------------------------------------------------------------------------------ torch.profiler
-
-
-def test_torch_profiler_trace_contains_the_stager_ranges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torch_profiler_trace_contains_the_stager_ranges(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("STAGER_NVTX", "1")
     state = _state()
     with stager.GraphStager() as s, profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -91,7 +90,9 @@ def test_nvtx_range_is_pushed_and_popped_on_cuda(monkeypatch: pytest.MonkeyPatch
     assert fake.calls == ["push stager/plan", "push stager/copy", "pop", "pop"]
 
 
-def test_under_emit_nvtx_the_record_function_range_is_the_only_nvtx_range(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_under_emit_nvtx_the_record_function_range_is_the_only_nvtx_range(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
     # emit_nvtx turns each record_function into an NVTX range itself: pushing one too would double it.
     fake = _FakeNvtx()
     monkeypatch.setattr(nvtx, "_cuda", True)
@@ -119,9 +120,6 @@ def test_a_range_closes_when_its_block_raises(monkeypatch: pytest.MonkeyPatch) -
         with nvtx.range("stager/plan", True):
             raise KeyError("x")
     assert fake.calls == ["push stager/plan", "pop"]
-
-
-# ------------------------------------------------------------------------------ checkpoint window
 
 
 @pytest.mark.parametrize(
@@ -241,9 +239,6 @@ def test_window_is_inert_when_no_checkpoint_is_chosen(cudart: _FakeCudart) -> No
     window = profiler_window(StagerConfig.resolve(environ={}))
     _run(window, cudart.calls, 3)
     assert cudart.calls == [] and not window.enabled
-
-
-# ------------------------------------------------------------------------------ demo --trace
 
 
 def test_demo_trace_writes_a_trace_with_the_ranges_and_prints_their_times(
