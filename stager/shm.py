@@ -1,4 +1,4 @@
-"""Ownership of the ``/dev/shm`` files that hold shared arenas, and reclaiming stale ones.
+"""The ``/dev/shm`` files that hold shared arenas: creating, owning and reclaiming stale ones.
 
 A shared arena is one file ``stager-arena-<pid>-<random>`` in the shared-memory directory. Its
 creator holds an exclusive ``flock`` on it for as long as the arena lives (through a file
@@ -23,7 +23,8 @@ descriptor kept open for that purpose), and only its creator removes it:
 
 A new file is created under a ``stager-new-`` name, locked, and only then linked under its arena
 name, so a reclaimer never sees an arena file that is not locked yet. A ``stager-new-`` file left
-by a process killed in that instant is reclaimed once unlocked and a minute old.
+by a process killed in that instant is reclaimed once unlocked and a minute old. :func:`map_new`
+makes, reserves and maps a new arena's file.
 
 ``python -m stager doctor`` lists these files (:func:`scan`).
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import re
 import signal
@@ -41,17 +43,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from stager.errors import StagingMemoryError
+
 __all__ = [
-    "ARENA_PREFIX",
-    "ShmFile",
-    "Reclaimed",
-    "create_owned",
-    "release_owned",
-    "owned_paths",
-    "scan",
-    "reclaim_stale",
-    "reclaim_once",
-    "install_sigterm_cleanup",
+    "ARENA_PREFIX", "ShmFile", "Reclaimed", "create_owned", "release_owned", "owned_paths",
+    "scan", "reclaim_stale", "reclaim_once", "install_sigterm_cleanup", "map_new",
 ]
 
 ARENA_PREFIX = "stager-arena-"
@@ -137,9 +133,6 @@ def _forget_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
-# --------------------------------------------------------------------------------------------
-# SIGTERM
-# --------------------------------------------------------------------------------------------
 
 _sigterm_installed = False
 
@@ -176,9 +169,6 @@ def install_sigterm_cleanup() -> bool:
     return True
 
 
-# --------------------------------------------------------------------------------------------
-# Listing and reclaiming
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -271,14 +261,13 @@ def _size(path: str) -> int:
 
 @dataclass
 class Reclaimed:
-    """What one pass over the shared-memory directory found and removed."""
+    """What one pass over the shared-memory directory found: ``files`` stale files removed, of
+    ``nbytes`` in all, and ``live_files`` of ``live_bytes`` whose owner is still alive (this
+    process's own included), left alone."""
 
     files: int = 0
-    """Stale files removed."""
     nbytes: int = 0
-    """Their total size."""
     live_files: int = 0
-    """Files whose owner is still alive (this process's own included): left alone."""
     live_bytes: int = 0
 
     def describe(self) -> str:
@@ -334,3 +323,63 @@ def reclaim_once(shm_dir: str) -> Reclaimed | None:
             return None
         _reclaimed_dirs.add(key)
     return reclaim_stale(shm_dir)
+
+
+def map_new(nbytes: int, shm_dir: str) -> tuple[mmap.mmap, str, tuple[int, int]]:
+    """Create, reserve and map one ``nbytes`` file in ``shm_dir``; raises ``StagingMemoryError``.
+
+    Stale arena files (their owner died without removing them) are reclaimed the first time this
+    process uses ``shm_dir`` and again before giving up for lack of space. The free space is
+    checked first (``statvfs``) for a clear message, then the blocks are reserved with
+    ``posix_fallocate``: touching an unreserved page of a full tmpfs kills the process with
+    ``SIGBUS`` instead of raising. The file is locked by this process for its lifetime.
+    """
+    reclaimed = reclaim_once(shm_dir) or Reclaimed()
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError as exc:
+        raise StagingMemoryError(
+            f"shared memory directory {shm_dir} is not usable ({exc}); "
+            "set STAGER_SHARED_MEMORY=0 or mount a tmpfs there"
+        ) from None
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        more = reclaim_stale(shm_dir)
+        reclaimed = Reclaimed(
+            reclaimed.files + more.files, reclaimed.nbytes + more.nbytes, more.live_files, more.live_bytes
+        )
+        if more.files:
+            st = os.statvfs(shm_dir)
+            free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise StagingMemoryError(
+            f"shared-memory arena of {nbytes} bytes ({nbytes / 2**20:.1f} MiB) does not fit in {shm_dir}: "
+            f"{free} bytes ({free / 2**20:.1f} MiB) free of {st.f_blocks * st.f_frsize} (statvfs); "
+            f"{reclaimed.describe()}; "
+            "containers often mount a 64 MB /dev/shm: enlarge it (docker --shm-size, a Kubernetes "
+            "emptyDir with medium: Memory) or set STAGER_SHARED_MEMORY=0 and use a thread-based writer"
+        )
+    fd, path = create_owned(shm_dir)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as first:
+            more = reclaim_stale(shm_dir)
+            try:
+                if not more.files:
+                    raise first
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as exc:
+                raise StagingMemoryError(
+                    f"could not reserve {nbytes} bytes in {shm_dir} ({exc}); it holds {free} free bytes "
+                    f"by statvfs but another process may have taken them ({more.describe()}): "
+                    "enlarge it or set STAGER_SHARED_MEMORY=0"
+                ) from None
+        mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+        info = os.fstat(fd)
+    except BaseException:
+        release_owned(path)
+        raise
+    finally:
+        os.close(fd)
+    return mm, path, (info.st_dev, info.st_ino)

@@ -34,8 +34,10 @@ def test_the_next_save_goes_on_while_a_failed_write_holds_the_copy(tmp_path: Pat
     del failed
 
 
-def test_without_room_for_another_arena_the_error_names_the_failed_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stager.stager as stager_module
+def test_without_room_for_another_arena_the_error_names_the_failed_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stager.pool import ArenaPool
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
@@ -43,7 +45,7 @@ def test_without_room_for_another_arena_the_error_names_the_failed_write(tmp_pat
     with GraphStager(profile="low_memory", lease_timeout=20) as stager:
         failed = _save(sd, blocker / "ckpt", stager)
         assert failed.exception(timeout=30) is not None
-        monkeypatch.setattr(stager_module.GraphStager, "_instead_of_waiting", lambda *a, **k: None)
+        monkeypatch.setattr(ArenaPool, "_instead_of_waiting", lambda *a, **k: None)
         with pytest.raises(LeaseTimeoutError, match="held by a failed write.*release"):
             stager.stage(sd)
     del failed

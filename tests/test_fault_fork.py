@@ -83,7 +83,9 @@ def test_a_forked_child_leaves_its_parents_arena_files_alone(mode: str) -> None:
         assert os.listdir(d) == []
 
 
-def test_a_child_dropping_a_pinned_arena_neither_unregisters_nor_unmaps_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_child_dropping_a_pinned_arena_neither_unregisters_nor_unmaps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The CPU stand-in for a pinned arena in a forked child: CUDA is not touched, the mapping
     (which the driver may have kept out of the child) is not unmapped, the file is not removed."""
 

@@ -22,7 +22,10 @@ def _reinterpreted(a: np.ndarray) -> dict[str, Any]:
 
 
 def _nested(a: np.ndarray) -> dict[str, Any]:
-    return {"m": {"w": torch.from_numpy(a[:8].reshape(2, 4))}, "opt": [torch.from_numpy(a.reshape(4, 4)[:, 1])]}
+    return {
+        "m": {"w": torch.from_numpy(a[:8].reshape(2, 4))},
+        "opt": [torch.from_numpy(a.reshape(4, 4)[:, 1])],
+    }
 
 
 def _empty_first(a: np.ndarray) -> dict[str, Any]:

@@ -81,7 +81,9 @@ def test_files_left_by_a_killed_owner_are_reclaimed_by_the_next_shared_arena(how
         assert os.listdir(d) == []
 
 
-def test_a_live_owners_file_is_never_reclaimed_and_doctor_says_whose_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_live_owners_file_is_never_reclaimed_and_doctor_says_whose_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with shm_dir() as d:
         proc, path, pid, _ = _owner(d, "wait")
         try:
@@ -103,7 +105,9 @@ def test_a_live_owners_file_is_never_reclaimed_and_doctor_says_whose_it_is(monke
         assert os.listdir(d) == []
 
 
-def test_doctor_lists_a_stale_file_as_reclaimable_and_reclaims_it_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_doctor_lists_a_stale_file_as_reclaimable_and_reclaims_it_on_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     with shm_dir() as d:
         proc, path, pid, _ = _owner(d, "wait")
         _end(proc, signal.SIGKILL)
@@ -121,7 +125,9 @@ def test_doctor_lists_a_stale_file_as_reclaimable_and_reclaims_it_on_request(mon
 
 
 @pytest.mark.parametrize("visited", [False, True], ids=["first-use", "already-used"])
-def test_a_full_dev_shm_reclaims_stale_files_and_says_so(monkeypatch: pytest.MonkeyPatch, visited: bool) -> None:
+def test_a_full_dev_shm_reclaims_stale_files_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, visited: bool
+) -> None:
     with shm_dir() as d:
         proc, path, _, _ = _owner(d, "wait")
         _end(proc, signal.SIGKILL)
@@ -139,7 +145,9 @@ def test_a_full_dev_shm_reclaims_stale_files_and_says_so(monkeypatch: pytest.Mon
         with pytest.raises(StagingMemoryError) as info:
             HostArena(100 << 20, shared=True, shm_dir=d)
         msg = str(info.value)
-        assert "1 stale stager arena file(s) of 1.0 MiB, whose owners are gone, were found and reclaimed" in msg
+        assert (
+            "1 stale stager arena file(s) of 1.0 MiB, whose owners are gone, were found and reclaimed" in msg
+        )
         assert "STAGER_SHARED_MEMORY=0" in msg
         assert os.listdir(d) == []
         with pytest.raises(StagingMemoryError, match="no stale stager arena files were found"):

@@ -41,7 +41,8 @@ class FakeCudart:
         return code
 
     def cudaGetErrorString(self, code: int) -> str:
-        return {2: "out of memory", 712: "part or all of the requested memory range is already mapped"}.get(code, "?")
+        names = {2: "out of memory", 712: "part or all of the requested memory range is already mapped"}
+        return names.get(code, "?")
 
 
 class FakeDevices:
@@ -61,14 +62,20 @@ class FakeDevices:
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Any:
-    def install(count: int = 2, with_context: set[int] | None = None, current: int = 0, **codes: int) -> FakeCudart:
+    def install(
+        count: int = 2, with_context: set[int] | None = None, current: int = 0, **codes: int
+    ) -> FakeCudart:
         devices = FakeDevices(count, {current} if with_context is None else with_context, current)
         cudart = FakeCudart(devices, **codes)
         monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
         monkeypatch.setattr(torch.cuda, "device", devices.device)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: devices.current)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: devices.count)
-        monkeypatch.setattr(torch._C, "_cuda_hasPrimaryContext", lambda i: i in devices.with_context, raising=False)
+
+        def has_context(i: int) -> bool:
+            return i in devices.with_context
+
+        monkeypatch.setattr(torch._C, "_cuda_hasPrimaryContext", has_context, raising=False)
         consumed: list[int] = []
         monkeypatch.setattr(arena_module, "_consume_cuda_error", consumed.append)
         cudart.consumed = consumed  # type: ignore[attr-defined]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
+from _helpers import ALL_DTYPES, assert_same, random_tensor
 
 from stager import GraphStager, SourceModifiedError, StagingInputError
 
@@ -22,9 +24,6 @@ def _assert_same(src: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> 
     for k, v in src.items():
         assert out[k].device.type == "cpu" and out[k].dtype == v.dtype and out[k].stride() == v.stride(), k
         assert torch.equal(out[k], v), k
-
-
-# ------------------------------------------------------------------------------ threads
 
 
 @pytest.mark.parametrize("async_staging", [False, True], ids=["sync", "async"])
@@ -50,9 +49,6 @@ def test_many_threads_on_one_stager_get_correct_copies(async_staging: bool, same
     for sd, out in results:
         _assert_same(sd, out)
     assert stager.plans_built == len(dicts)
-
-
-# ------------------------------------------------------------------------------ the plan check
 
 
 def test_a_storage_reallocated_smaller_at_the_same_address_is_not_read_past_its_end() -> None:
@@ -145,9 +141,6 @@ def test_python_attributes_of_a_source_tensor_reach_its_staged_tensor() -> None:
             assert not hasattr(out["b"], "note")
 
 
-# ------------------------------------------------------------------------------ off the caller's thread
-
-
 def test_async_stage_runs_the_pipeline_on_the_staging_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     sd = _dict(50, 3)
     seen: list[threading.Thread] = []
@@ -190,7 +183,8 @@ def test_a_source_written_during_an_async_copy_fails_that_checkpoint(monkeypatch
 
         monkeypatch.setattr(stager, "_copy_cpu", copy_while_training_writes)
         failed = stager.stage(sd)
-        with pytest.raises(SourceModifiedError, match=r"state_dict\['t3'\] was written while.*synchronize_staging"):
+        written = r"state_dict\['t3'\] was written while.*synchronize_staging"
+        with pytest.raises(SourceModifiedError, match=written):
             failed.result(timeout=30)
         monkeypatch.setattr(stager, "_copy_cpu", real)
         # The next checkpoint is fine, and reuses the arena: the failed Future (still held here)
@@ -208,9 +202,6 @@ def test_sync_stage_returns_the_copy_and_records_every_figure() -> None:
     _assert_same(sd, out)
     assert stats.tensors == 10 and stats.nbytes == sum(v.nbytes for v in sd.values())
     assert stats.blocked_s == stats.complete_s > 0 and stats.host_bytes >= stats.nbytes
-
-
-# ------------------------------------------------------------------------------ edges of the async path
 
 
 @pytest.mark.parametrize("call", ["synchronize_staging", "release_sources", "close"])
@@ -248,7 +239,8 @@ def test_release_refuses_what_the_stager_did_not_stage() -> None:
     keep = {k: v.clone() for k, v in sd.items()}
     with GraphStager() as stager:
         out = stager.stage(sd)
-        with pytest.raises(ValueError, match=r"state_dict\['t0'\] is not a staged tensor.*Nothing was released"):
+        refused = r"state_dict\['t0'\] is not a staged tensor.*Nothing was released"
+        with pytest.raises(ValueError, match=refused):
             stager.release(sd)
         _assert_same(keep, sd)  # the sources are untouched
         stager.release(out)
@@ -299,3 +291,74 @@ def test_device_copies_let_go_of_what_they_used_only_where_no_capture_runs() -> 
         stager._graveyard.append(["kept until the next stage"])
         stager.stage({"w": torch.ones(2)})
         assert stager._graveyard == []  # emptied at the start of a stage, under its lock
+
+
+def test_a_storage_resized_away_and_its_address_reused_is_replanned() -> None:
+    # FSDP-style: a source storage is freed with resize_(0); a new tensor then takes its old
+    # address, so the state dict's signature is unchanged while the plan's own view of the old
+    # storage now points at nothing. Copying from it would read freed memory.
+    for n in (1024, 4096, 4096, 16384, 16384, 65536):
+        a = torch.randn(n)
+        sd = {"w": a, "b": torch.randn(3)}
+        with GraphStager() as stager:
+            del_out = stager.stage(sd)
+            del del_out
+            a.untyped_storage().resize_(0)
+            sd["w"] = torch.randn(n)
+            assert_same(sd, stager.stage(sd))
+            assert stager.plans_built == 2
+
+
+def test_a_moved_source_span_forces_a_replan() -> None:
+    sd = {"w": torch.randn(64), "b": torch.randn(3)}
+    with GraphStager() as stager:
+        stager.stage(sd)
+        stager.plan.src_ptrs[0] += 64  # as if the planned storage had moved since
+        out = stager.stage(sd)
+        assert stager.plans_built == 2
+        assert_same(sd, out)
+
+
+def test_the_signature_check_pauses_the_garbage_collector_and_restores_it() -> None:
+    sd = {f"t{i}": torch.full((2,), float(i)) for i in range(3000)}
+    seen: list[bool] = []
+    with GraphStager() as stager:
+        stager.stage(sd)
+        real = torch.Tensor.stride
+        try:
+            # Record whether the collector was on while the signature was read.
+            def stride(self: torch.Tensor, *a: Any) -> Any:
+                seen.append(gc.isenabled())
+                return real(self, *a)
+
+            torch.Tensor.stride = stride  # type: ignore[method-assign]
+            out = stager.stage(sd)
+        finally:
+            torch.Tensor.stride = real  # type: ignore[method-assign]
+        assert_same(sd, out)
+        del out
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            assert_same(sd, stager.stage(sd))
+            assert not gc.isenabled()  # left off when the caller had it off
+        finally:
+            gc.enable()
+        assert stager.plans_built == 1
+    assert seen and not any(seen)
+
+
+def test_many_small_cpu_tensors_are_copied_in_parallel_slices_bit_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dtypes = ALL_DTYPES
+    sd = {f"t{i}": random_tensor((i % 7 + 1,), dtypes[i % len(dtypes)], seed=i) for i in range(4100)}
+    with GraphStager() as stager:
+        monkeypatch.setattr(stager, "_cpu_threads", 4)
+        out = stager.stage(sd)
+        assert stager._copy_pool is not None  # the copy was split over threads
+        assert_same(sd, out)
+        for t in sd.values():
+            t.zero_()
+        del out
+        assert_same(sd, stager.stage(sd))  # a replay over the same slices

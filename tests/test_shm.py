@@ -28,7 +28,8 @@ from torch.distributed.checkpoint import FileSystemWriter
 
 from stager import GraphStager, StagingMemoryError
 from stager import arena as arena_mod
-from stager.arena import SHARE_COUNTS, HostArena, find_segment, mapped_segments
+from stager.arena import HostArena
+from stager.segments import SHARE_COUNTS, find_segment, mapped_segments
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -47,11 +48,6 @@ def sample_state(n: int = 40) -> dict[str, Any]:
 
 def arena_files() -> list[str]:
     return glob.glob(os.path.join(arena_mod.SHM_DIR, f"stager-arena-{os.getpid()}-*"))
-
-
-# --------------------------------------------------------------------------------------------
-# One process: the reducer, the segment files, /dev/shm limits
-# --------------------------------------------------------------------------------------------
 
 
 def test_pickled_staged_dict_references_the_segment_instead_of_copying() -> None:
@@ -115,7 +111,8 @@ def test_small_dev_shm_raises_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(arena_mod.os, "statvfs", lambda path: Small())
     before = set(arena_files())
-    with pytest.raises(StagingMemoryError, match=r"(?s)/dev/shm.*64\.0 MiB\) free.*shm-size.*STAGER_SHARED_MEMORY=0"):
+    message = r"(?s)/dev/shm.*64\.0 MiB\) free.*shm-size.*STAGER_SHARED_MEMORY=0"
+    with pytest.raises(StagingMemoryError, match=message):
         HostArena(100 << 20, shared=True)
     assert set(arena_files()) == before
 
@@ -131,19 +128,14 @@ def test_reservation_failure_raises_instead_of_sigbus(monkeypatch: pytest.Monkey
     assert set(arena_files()) == before
 
 
-# --------------------------------------------------------------------------------------------
-# Two ranks: DCP's process-based writer under gloo
-# --------------------------------------------------------------------------------------------
-
-
 class ProbeWriter(FileSystemWriter):
     """A file-system writer that records, in the writer process, where its tensors live."""
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         import torch.distributed as dist
 
-        from stager.arena import SHARE_COUNTS as counts
-        from stager.arena import mapped_segments as segments
+        from stager.segments import SHARE_COUNTS as counts
+        from stager.segments import mapped_segments as segments
 
         mapped = segments()
         tensors = in_segment = exact = 0
@@ -199,7 +191,8 @@ def _process_save(rank: int, world: int, ckpt: str, shared: bool) -> dict[str, A
             probe = json.loads((Path(path) / f"probe_{rank}.json").read_text())
             result[f"step{step}"] = {
                 "regions": regions, "nbytes": stager.plan.nbytes,
-                "by_reference": SHARE_COUNTS.by_reference, "bytes_by_reference": SHARE_COUNTS.bytes_by_reference,
+                "by_reference": SHARE_COUNTS.by_reference,
+                "bytes_by_reference": SHARE_COUNTS.bytes_by_reference,
                 "delegated": SHARE_COUNTS.delegated, "bytes_delegated": SHARE_COUNTS.bytes_delegated,
                 "mesh_bytes": mesh.mesh.untyped_storage().nbytes(),
                 "bases": len(bases), "bases_in_arena": in_arena, "probe": probe,
@@ -217,7 +210,10 @@ def _load_shm(rank: int, world: int, ckpt: str) -> int:
     mesh = init_device_mesh("cpu", (world,))
     expected = shm_state(mesh)
     target = {
-        "model": {k: distribute_tensor(torch.zeros_like(v.full_tensor()), mesh, v.placements) for k, v in expected["model"].items()},
+        "model": {
+            k: distribute_tensor(torch.zeros_like(v.full_tensor()), mesh, v.placements)
+            for k, v in expected["model"].items()
+        },
         "counter": torch.zeros(100, dtype=torch.int32),
         "epoch": 0,
     }

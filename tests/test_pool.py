@@ -1,4 +1,5 @@
-"""GraphStager's host-arena decisions under injected host headroom: wait, allocate, fail, never overwrite."""
+"""The arena pool: leases, and the host-arena decisions under injected host headroom (wait, allocate,
+fail, never overwrite)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-import stager.stager as stager_mod
+import stager.pool as pool_mod
 from stager import GraphStager, StagingMemoryError
 from stager.headroom import read_host
 
@@ -23,7 +24,7 @@ def host_limit(monkeypatch: pytest.MonkeyPatch) -> Any:
     def fake_read_host(**kwargs: Any) -> Any:
         return dataclasses.replace(real, available_bytes=box["available"], source="test limit (injected)")
 
-    monkeypatch.setattr(stager_mod, "read_host", fake_read_host)
+    monkeypatch.setattr(pool_mod, "read_host", fake_read_host)
     return box
 
 
@@ -87,3 +88,35 @@ def test_tight_host_stages_fresh_arenas_instead_of_pinning_for_good(host_limit: 
         assert stager.last_stats is not None and stager.last_stats.arena == "fresh"
         assert stager._sets == []
         assert torch.equal(out["w"], sd["w"])
+
+
+def test_a_released_arena_is_reused() -> None:
+    sd = {"w": torch.randn(64)}
+    with GraphStager(cache_policy="cached", max_arenas=1) as stager:
+        first = stager.stage(sd)
+        ptr = first["w"].data_ptr()
+        del first
+        second = stager.stage(sd)
+        assert second["w"].data_ptr() == ptr
+        assert stager.last_stats is not None and stager.last_stats.arena == "cached"
+
+
+def test_wait_policy_resumes_when_the_holder_releases() -> None:
+    sd = {"w": torch.randn(64)}
+    with GraphStager(cache_policy="cached", max_arenas=1, lease_policy="wait", lease_timeout=10) as stager:
+        box = [stager.stage(sd)]
+        timer = threading.Timer(0.1, box.clear)
+        timer.start()
+        out = stager.stage(sd)
+        timer.join()
+        assert stager.last_stats is not None and stager.last_stats.waited_s > 0.05
+        assert torch.equal(out["w"], sd["w"])
+
+
+def test_fresh_policy_allocates_every_call() -> None:
+    sd = {"w": torch.randn(64)}
+    with GraphStager(cache_policy="fresh") as stager:
+        a = stager.stage(sd)
+        b = stager.stage(sd)
+        assert a["w"].data_ptr() != b["w"].data_ptr()
+        assert stager._sets == []
