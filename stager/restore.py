@@ -70,35 +70,40 @@ def _mismatch(path: str, problem: str) -> RestoreMismatchError:
 
 def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor, str]]) -> None:
     s_tensor, t_tensor = isinstance(s, torch.Tensor), isinstance(t, torch.Tensor)
+    s_cls, t_cls = type(s).__name__, type(t).__name__
     if s_tensor or t_tensor:
         if not (s_tensor and t_tensor):
-            got = _describe(t) if t_tensor else type(t).__name__
-            want = _describe(s) if s_tensor else type(s).__name__
+            got = _describe(t) if t_tensor else t_cls
+            want = _describe(s) if s_tensor else s_cls
             raise _mismatch(path, f"the staged copy has {want} but the target has {got}")
         if s.dtype != t.dtype or s.shape != t.shape:
             raise _mismatch(path, f"the staged copy has {_describe(s)} but the target has {_describe(t)}")
         if t.device.type == "meta":
-            raise _mismatch(path, f"the target is a meta tensor ({_describe(t)}) with no memory to restore into")
+            what = f"the target is a meta tensor ({_describe(t)}) with no memory to restore into"
+            raise _mismatch(path, what)
         out.append((s, t, path))
     elif not (holds_tensor(s) or holds_tensor(t)):
         return  # no tensor on either side: nothing to restore here, whatever its shape
     elif isinstance(s, Mapping):
         if not isinstance(t, Mapping):
-            raise _mismatch(path, f"the staged copy has a {type(s).__name__} but the target has {type(t).__name__}")
+            raise _mismatch(path, f"the staged copy has a {s_cls} but the target has {t_cls}")
         if s.keys() != t.keys():
             missing = [k for k in s if k not in t]
             extra = [k for k in t if k not in s]
-            raise _mismatch(path, f"keys differ: missing in the target {missing[:5]}, only in the target {extra[:5]}")
+            raise _mismatch(
+                path, f"keys differ: missing in the target {missing[:5]}, only in the target {extra[:5]}"
+            )
         for k, v in s.items():
             _match(v, t[k], f"{path}[{k!r}]", out)
     elif isinstance(s, (list, tuple)):
         if not isinstance(t, (list, tuple)) or len(s) != len(t):
-            got = f"{type(t).__name__} of length {len(t)}" if isinstance(t, (list, tuple)) else type(t).__name__
-            raise _mismatch(path, f"the staged copy has a {type(s).__name__} of length {len(s)} but the target has {got}")
+            got = f"{t_cls} of length {len(t)}" if isinstance(t, (list, tuple)) else t_cls
+            want = f"a {s_cls} of length {len(s)}"
+            raise _mismatch(path, f"the staged copy has {want} but the target has {got}")
         for i, (a, b) in enumerate(zip(s, t)):
             _match(a, b, f"{path}[{i}]", out)
     elif isinstance(t, (Mapping, list, tuple)):
-        raise _mismatch(path, f"the staged copy has a {type(s).__name__} but the target has a {type(t).__name__}")
+        raise _mismatch(path, f"the staged copy has a {s_cls} but the target has a {t_cls}")
     # Any other leaf holds no tensor we restore (see the module docstring).
 
 
@@ -114,7 +119,8 @@ def _writable_pair(s: torch.Tensor, t: torch.Tensor, path: str) -> tuple[torch.T
         if stride == 0 and n > 1:
             s, t = s.narrow(d, 0, 1), t.narrow(d, 0, 1)
     if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
-        raise _mismatch(path, f"the target's elements overlap in memory ({_describe(t)}, stride={t.stride()})")
+        what = f"the target's elements overlap in memory ({_describe(t)}, stride={t.stride()})"
+        raise _mismatch(path, what)
     if t.dtype is torch.bool:
         s, t = s.view(torch.uint8), t.view(torch.uint8)
     return s, t
@@ -138,9 +144,8 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-    )
+    same_place = a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+    return same_place and a.dtype == b.dtype and a.shape == b.shape
 
 
 def _mirrored(si: torch.Tensor, ti: torch.Tensor, sj: torch.Tensor, tj: torch.Tensor) -> bool:
@@ -339,10 +344,13 @@ def _verify_staged(matched: Sequence[tuple[torch.Tensor, torch.Tensor, str]], st
     result = verify_staged_tensors(((s, path) for s, _, path in matched), what="restore")
     stats.verify_s = result.seconds
     if result.regions:
-        stats.notes.append(f"verified {result.regions} staged regions ({result.nbytes} bytes) against their checksums")
+        stats.notes.append(
+            f"verified {result.regions} staged regions ({result.nbytes} bytes) against their checksums"
+        )
     if result.unverified:
         stats.notes.append(
-            f"{len(result.unverified)} tensors restored unverified (staged without checksums; see STAGER_CHECKSUM)"
+            f"{len(result.unverified)} tensors restored unverified (staged without checksums; "
+            "see STAGER_CHECKSUM)"
         )
 
 

@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch {args.batch!r} is not a size; use a byte count or e.g. 64MiB")
     path = args.checkpoint
     if not os.path.isdir(path):
-        print(f"stager verify: {path!r} is not a directory; pass a checkpoint directory written by DCP", file=sys.stderr)
+        print(
+            f"stager verify: {path!r} is not a directory; pass a checkpoint directory written by DCP",
+            file=sys.stderr,
+        )
         return 2
 
     from stager.integrity import ALGORITHM, VERSION, verify_checkpoint
@@ -85,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     for note in report.notes:
         print(f"note: {note}")
     if not report.has_checksums:
-        print(f"{path}: no checksums (written without them, or by a writer that does not store them); nothing verified")
+        print(
+            f"{path}: no checksums (written without them, or by a writer that does not store them); "
+            "nothing verified"
+        )
         return 3 if args.require else 0
     for m in report.mismatches:
         where = f" offsets {list(m.offsets)}" if any(m.offsets) else ""
-        print(f"MISMATCH {m.fqn}{where}: file {m.file} (rank {m.rank}): expected {m.expected}, found {m.found}")
+        print(
+            f"MISMATCH {m.fqn}{where}: file {m.file} (rank {m.rank}): expected {m.expected}, found {m.found}"
+        )
     for fqn, why in report.unverifiable:
         print(f"UNVERIFIABLE {fqn}: {why}")
     status = "FAILED" if report.mismatches else "OK"

@@ -24,7 +24,6 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 import stager
 import stager.checkpoint as checkpoint_module
 from stager import GraphStager, IntegrityError
-from stager.arena import StagedSet
 from stager.checkpoint import checkpoint_layout as layout
 from stager.integrity import (
     ChecksumWriter,
@@ -35,6 +34,7 @@ from stager.integrity import (
     verify_state_dict,
 )
 from stager.kernels import lanes64
+from stager.staged_set import StagedSet
 from stager.verify import main as verify_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")

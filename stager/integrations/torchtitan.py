@@ -89,7 +89,8 @@ class StagerCheckpointManager(CheckpointManager):
         """
 
         stager_profile: str | None = None
-        """Stager tuning preset (``default``, ``low_memory``, ``throughput``); ``STAGER_PROFILE`` when unset."""
+        """Stager tuning preset (``default``, ``low_memory``, ``throughput``); ``STAGER_PROFILE``
+        when unset."""
 
         stager_max_arenas: int | None = None
         """Most persistent host arenas the stager keeps (``STAGER_MAX_ARENAS`` when unset)."""

@@ -59,7 +59,7 @@ def region_checksums(buffers: Sequence[torch.Tensor], *, threads: int = 1) -> to
 
 def _in_one_arena(ptrs: np.ndarray, sizes: np.ndarray, out: np.ndarray, threads: int) -> bool:
     """Hash every buffer in place over the live arena that holds them all; False if it cannot."""
-    from stager.arena import find_segment
+    from stager.segments import find_segment
 
     order = np.lexsort((sizes, ptrs))
     p, s = ptrs[order], sizes[order]

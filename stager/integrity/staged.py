@@ -31,7 +31,7 @@ from stager.kernels import lanes64
 from stager.kernels.lanes64 import ALGORITHM, VERSION, format_checksum
 
 if TYPE_CHECKING:
-    from stager.arena import StagedSet
+    from stager.staged_set import StagedSet
     from stager.stats import StageStats
 
 __all__ = [

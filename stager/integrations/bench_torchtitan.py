@@ -1,4 +1,4 @@
-"""``python -m stager.benchmarks.torchtitan``: how long torchtitan's ``save()`` keeps training waiting.
+"""``python -m stager.integrations.bench_torchtitan``: how long torchtitan's ``save()`` keeps training waiting.
 
 torchtitan's llama3 ``debugmodel`` (6.2M parameters) and its AdamW state on a one-rank gloo group,
 checkpointed every step through torchtitan's own ``CheckpointManager`` flow, with:
@@ -21,14 +21,13 @@ this script reports the device it ran on.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 from typing import Any
 
 import torch
-
-from stager.benchmarks.common import percentile
 
 __all__ = ["main"]
 
@@ -43,8 +42,7 @@ def _parts() -> tuple[Any, Any, Any]:
     model = model_registry("debugmodel").model.build()
     model.init_weights(buffer_device=None)
     optimizers = default_adamw(lr=8e-4).build(model_parts=[model])
-    schedulers = LRSchedulersContainer.Config(warmup_steps=2)
-    lr_schedulers = schedulers.build(optimizers=optimizers, training_steps=1000)
+    lr_schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=1000)
     return model, optimizers, lr_schedulers
 
 
@@ -91,21 +89,21 @@ def _run(provider: str, saves: int, root: str) -> dict[str, Any]:
     }
 
 
+def _q(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * (len(values) - 1) + 0.5))]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every provider and print a Markdown table; returns 0."""
-    p = argparse.ArgumentParser(
-        prog="python -m stager.benchmarks.torchtitan", description=__doc__.split("\n")[0]
-    )
-    p.add_argument(
-        "--saves", type=int, default=6, help="saves per provider, the first reported apart (default 6)"
-    )
-    every = ", ".join(PROVIDERS)
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated, from: {every}")
+    p = argparse.ArgumentParser(prog="python -m stager.integrations.bench_torchtitan", description=__doc__.split("\n")[0])
+    p.add_argument("--saves", type=int, default=6, help="saves per provider, the first reported apart (default 6)")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated, from: " + ", ".join(PROVIDERS))
     args = p.parse_args(argv)
     providers = [x.strip() for x in args.providers.split(",") if x.strip()]
     bad = [x for x in providers if x not in PROVIDERS]
     if bad or args.saves < 2:
-        print(f"error: unknown providers {bad} or --saves < 2; providers: {every}", file=sys.stderr)
+        print(f"error: unknown providers {bad} or --saves < 2; providers: {', '.join(PROVIDERS)}", file=sys.stderr)
         return 2
 
     from importlib.metadata import version
@@ -125,18 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_run(provider, args.saves, root))
     dist.destroy_process_group()
     print(f"torchtitan save() return time, llama3 debugmodel + AdamW ({rows[0]['nbytes'] / 2**20:.1f} MiB), "
-          f"{unit} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"torchtitan {version('torchtitan')}; {args.saves} saves each, {unit} numbers")
+          f"{unit} ({torch.get_num_threads()} threads), torch {torch.__version__}, torchtitan {version('torchtitan')}; "
+          f"{args.saves} saves each, {unit} numbers")
     print("")
-    print("| provider | first save ms | save() ms p50 (p20-p80) | of which stage() ms p50 "
-          "| staging complete ms (last) |")
+    print("| provider | first save ms | save() ms p50 (p20-p80) | of which stage() ms p50 | staging complete ms (last) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         rest = [1e3 * t for t in r["rest_s"]]
         complete = f"{1e3 * r['complete_s']:.1f}" if r["complete_s"] is not None else "in save()"
-        stage = f"{1e3 * percentile(r['blocked_s'], 0.5):.2f}" if r["blocked_s"] else "(all of the copy)"
-        print(f"| {r['provider']} | {1e3 * r['first_s']:.1f} | {percentile(rest, 0.5):.1f} "
-              f"({percentile(rest, 0.2):.1f}-{percentile(rest, 0.8):.1f}) | {stage} | {complete} |")
+        stage = f"{1e3 * statistics.median(r['blocked_s']):.2f}" if r["blocked_s"] else "(all of the copy)"
+        print(f"| {r['provider']} | {1e3 * r['first_s']:.1f} | {statistics.median(rest):.1f} "
+              f"({_q(rest, 0.2):.1f}-{_q(rest, 0.8):.1f}) | {stage} | {complete} |")
     return 0
 
 

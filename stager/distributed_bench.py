@@ -1,9 +1,9 @@
 """Replication benchmark: the packed arena against PyTorch's per-tensor transport, two gloo ranks.
 
-``python -m stager.benchmarks.replication [--case small] [--iters 5] [--json FILE]``
+``python -m stager.distributed_bench [--case small] [--iters 5] [--json FILE]``
 
 Two ranks are spawned on this machine (gloo over loopback). Each builds the same workload
-(``stager.benchmarks.staging.make_workload("cpu", case)``), stages it once with :class:`~stager.GraphStager`,
+(``stager.bench.make_workload("cpu", case)``), stages it once with :class:`~stager.GraphStager`,
 and then exchanges its staged copy with its partner, timed per exchange (both directions at once):
 
 * ``floor (one message each way)``: one ``isend``/``irecv`` pair of the same number of bytes;
@@ -27,31 +27,25 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 
-from stager.benchmarks.common import (
-    LEAD,
-    Column,
-    MiB,
-    Row,
-    header,
-    spread_column,
-    spread_ms,
-    table,
-    write_json,
-)
+__all__ = ["main"]
 
-__all__ = ["ReplicationRow", "main"]
+MiB = 1 << 20
 
 
-@dataclass(kw_only=True)
-class ReplicationRow(Row):
+@dataclass
+class Row:
     """One provider on one workload; the JSON rows have exactly these fields."""
 
+    case: str
+    tensors: int
+    mib: float
+    provider: str
     ms_p50: float
     ms_p20: float
     ms_p80: float
@@ -61,15 +55,6 @@ class ReplicationRow(Row):
     messages: int
     """Messages one rank posts per exchange (both directions)."""
     note: str = ""
-
-
-COLUMNS = LEAD + [
-    spread_column("ms p50 (p20-p80)", "ms", 1),
-    Column("GB/s", lambda r: f"{r.gbps:.2f}"),
-    Column("x floor", lambda r: f"{r.x_floor:.2f}"),
-    Column("msgs", lambda r: str(r.messages)),
-    Column("note", lambda r: r.note, left=True),
-]
 
 
 def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
@@ -94,18 +79,18 @@ def _rank_main(rank: int, world: int, port: int, case: str, iters: int, out_path
     from torch.distributed.checkpoint._pg_transport import PGTransport
 
     from stager import GraphStager
-    from stager.benchmarks.staging import make_workload
+    from stager.bench import _pct, _tensors, header, make_workload
     from stager.distributed import Replicator
-    from stager.tree import tensors_in
 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
     sd = make_workload("cpu", case)
-    n_tensors = len(tensors_in(sd))
+    n_tensors = len(_tensors(sd))
     stager = GraphStager(cache_policy="cached")
     staged = stager.stage(sd)
     nbytes = stager.plan.nbytes
     partner = (rank + world // 2) % world
     group = dist.new_group(backend="gloo", timeout=timedelta(minutes=10))
+    rows: list[Row] = []
 
     # floor: the same bytes as one message each way
     src = torch.ones(stager.plan.arena_bytes, dtype=torch.uint8)
@@ -145,31 +130,38 @@ def _rank_main(rank: int, world: int, port: int, case: str, iters: int, out_path
     results.append(("PGTransport (per tensor)", _time(per_tensor, pg_iters, 1), 2 * (2 + n_tensors), ""))
 
     if rank == 0:
-        floor_p50 = spread_ms(results[0][1])[0]
-        rows = []
+        floor_p50 = _pct(results[0][1], 0.5)
         for name, times, messages, note in results:
-            p50, p20, p80 = spread_ms(times)
-            rows.append(ReplicationRow(
-                case=case, tensors=n_tensors, mib=round(nbytes / MiB, 1), provider=name,
-                ms_p50=p50, ms_p20=p20, ms_p80=p80, gbps=nbytes / (p50 / 1e3) / 1e9, x_floor=p50 / floor_p50,
-                messages=messages, note=note,
+            p50 = _pct(times, 0.5)
+            rows.append(Row(
+                case, n_tensors, round(nbytes / MiB, 1), name, p50, _pct(times, 0.2), _pct(times, 0.8),
+                nbytes / (p50 / 1e3) / 1e9, p50 / floor_p50, messages, note,
             ))
         head = header("cpu")
         head["ranks"] = f"{world} gloo ranks, loopback"
-        write_json(out_path, head, rows)
+        with open(out_path, "w") as f:
+            json.dump({"header": head, "rows": [asdict(r) for r in rows]}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
 
 
+def format_table(head: dict, rows: list[dict]) -> str:
+    lines = [" ".join(f"{k}={v}" for k, v in head.items())]
+    cols = (f"{'case':<6} {'tensors':>7} {'MiB':>7}  {'provider':<42} {'ms p50 (p20-p80)':>26} "
+            f"{'GB/s':>6} {'x floor':>8} {'msgs':>7}  note")
+    lines += [cols, "-" * len(cols)]
+    for r in rows:
+        lines.append(
+            f"{r['case']:<6} {r['tensors']:>7} {r['mib']:>7.1f}  {r['provider']:<42} "
+            f"{r['ms_p50']:>9.1f} ({r['ms_p20']:>7.1f}-{r['ms_p80']:>7.1f}) {r['gbps']:>6.2f} "
+            f"{r['x_floor']:>8.2f} {r['messages']:>7}  {r['note']}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command line: spawn the two ranks, print the header and the table; ``--json FILE`` also
-    writes them."""
-    parser = argparse.ArgumentParser(
-        prog="python -m stager.benchmarks.replication", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--case", default="small", help="a CPU workload of `python -m stager bench`: small, mixed or large"
-    )
+    parser = argparse.ArgumentParser(prog="python -m stager.distributed_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--case", default="small", help="a CPU workload of stager.bench: small, mixed or large")
     parser.add_argument("--iters", type=int, default=5, help="timed exchanges per provider (after 1 warm-up)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -182,14 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        ranks = (2, port, args.case, args.iters, out)
-        mp.start_processes(_rank_main, args=ranks, nprocs=2, start_method="spawn")
+        mp.start_processes(_rank_main, args=(2, port, args.case, args.iters, out), nprocs=2, start_method="spawn")
         with open(out) as f:
             data = json.load(f)
-    rows = [ReplicationRow(**r) for r in data["rows"]]
-    print(table(data["header"], COLUMNS, rows))
+    print(format_table(data["header"], data["rows"]))
     if args.json:
-        write_json(args.json, data["header"], rows)
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
     return 0
 
 

@@ -15,61 +15,50 @@ any per-tensor copy can cost, with no walk, no check and no new objects.
 
 from __future__ import annotations
 
+import datetime
 import gc
+import json
 import os
+import platform
 import random
 import sys
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 
-from stager.benchmarks.common import (
-    LEAD,
-    Column,
-    MiB,
-    Row,
-    header,
-    spread_column,
-    spread_ms,
-    table,
-    write_json,
-)
 from stager.tree import tensors_in
 
-__all__ = ["WORKLOADS", "StagingRow", "make_workload", "run", "main"]
+__all__ = ["WORKLOADS", "make_workload", "run", "main"]
 
-NAN = float("nan")
+MiB = 1 << 20
 
 
-@dataclass(kw_only=True)
-class StagingRow(Row):
+@dataclass
+class Row:
     """One (workload, provider) measurement; the JSON rows have exactly these fields."""
 
     device: str
-    blocked_ms_p50: float = NAN
-    blocked_ms_p20: float = NAN
-    blocked_ms_p80: float = NAN
-    complete_ms_p50: float = NAN
-    complete_ms_p20: float = NAN
-    complete_ms_p80: float = NAN
-    gbps: float = 0.0
-    x_floor: float = NAN
+    case: str
+    tensors: int
+    mib: float
+    provider: str
+    blocked_ms_p50: float
+    blocked_ms_p20: float
+    blocked_ms_p80: float
+    complete_ms_p50: float
+    complete_ms_p20: float
+    complete_ms_p80: float
+    gbps: float
+    x_floor: float
     note: str = ""
-    us_per_tensor: float = NAN
+    us_per_tensor: float = float("nan")
     """Blocked p50 divided by the number of tensors, in microseconds."""
 
 
-COLUMNS = LEAD + [
-    spread_column("blocked ms p50 (p20-p80)", "blocked_ms", 2),
-    Column("us/tensor", lambda r: f"{r.us_per_tensor:.3f}"),
-    spread_column("complete ms p50 (p20-p80)", "complete_ms", 2),
-    Column("GB/s", lambda r: f"{r.gbps:.2f}"),
-    Column("x floor", lambda r: f"{r.x_floor:.2f}"),
-    Column("note", lambda r: r.note, left=True),
-]
+# ------------------------------------------------------------------------------------ workloads
 
 
 def _small(n: int, lo: int, hi: int, device: str) -> dict[str, torch.Tensor]:
@@ -112,7 +101,7 @@ def _mixed(layers: int, d: int, vocab: int, device: str) -> dict[str, Any]:
 
 
 def _large(n: int, nbytes: int, device: str) -> dict[str, torch.Tensor]:
-    return {f"big{i}": torch.empty(nbytes // 4, device=device).normal_() for i in range(n)}
+    return {f"big{i}": torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_() for i in range(n)}
 
 
 def _tiny(n: int, device: str) -> dict[str, torch.Tensor]:
@@ -149,6 +138,9 @@ def _unique_bytes(sd: Any) -> int:
     return sum(seen.values())
 
 
+# ------------------------------------------------------------------------------------ providers
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -170,8 +162,7 @@ def _providers(device: str) -> dict[str, Callable[[], Any]]:
     }
     if device == "cuda":
         providers["DefaultStager(StagingOptions())"] = lambda: DefaultStager(StagingOptions())
-        cached = "BlockingAsyncStager(cache=True)"
-        providers[cached] = lambda: BlockingAsyncStager(cache_staged_state_dict=True)
+        providers["BlockingAsyncStager(cache=True)"] = lambda: BlockingAsyncStager(cache_staged_state_dict=True)
         providers["torch-pack"] = _TorchPack
     else:
         providers["BlockingAsyncStager()"] = lambda: BlockingAsyncStager()
@@ -272,20 +263,50 @@ def _time_provider(
     return blocked, complete
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return (xs[lo] + (xs[hi] - xs[lo]) * (k - lo)) * 1e3
+
+
+def header(device: str) -> dict[str, Any]:
+    """Device and versions, printed above the table and stored in the JSON."""
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        info["triton"] = "absent"
+    if device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()}), no GPU: CPU figures"
+    return info
+
+
 def run(
     device: str,
     cases: list[str],
     iters: int,
     providers: list[str] | None = None,
     budget_s: float = float("inf"),
-) -> tuple[dict, list[StagingRow]]:
+) -> tuple[dict, list[Row]]:
     """Measure every provider on every case; returns the header and the rows.
 
     ``budget_s`` bounds each provider's time on each case: a provider that runs past it stops
     after its current call, and its row says how many calls were timed.
     """
     head = header(device)
-    rows: list[StagingRow] = []
+    rows: list[Row] = []
     all_providers = _providers(device)
     chosen = {k: v for k, v in all_providers.items() if providers is None or any(p in k for p in providers)}
     for case in cases:
@@ -293,26 +314,25 @@ def run(
         n_tensors = len(tensors_in(sd))
         nbytes = _unique_bytes(sd)
         fb, fc = _time_floor(nbytes, device, iters)
-        floor = spread_ms(fc)[0]
+        floor = _pct(fc, 0.5)
         results = [("floor (one memcpy)", fb, fc, "")]
         for name, factory in chosen.items():
             try:
                 b, c = _time_provider(factory, sd, device, iters, budget_s)
-                note = "" if len(c) == iters else f"{len(c)} of {iters} calls (--budget)"
-                results.append((name, b, c, note))
+                results.append((name, b, c, "" if len(c) == iters else f"{len(c)} of {iters} calls (--budget)"))
             except Exception as exc:  # a provider that cannot run here is reported, not fatal
                 results.append((name, [], [], f"failed: {type(exc).__name__}: {exc}"[:120]))
         for name, b, c, note in results:
-            row = StagingRow(device=device, case=case, tensors=n_tensors, mib=nbytes / MiB, provider=name)
-            row.note = note
-            if c:
-                row.mib = round(row.mib, 1)
-                row.blocked_ms_p50, row.blocked_ms_p20, row.blocked_ms_p80 = spread_ms(b)
-                row.complete_ms_p50, row.complete_ms_p20, row.complete_ms_p80 = spread_ms(c)
-                row.gbps = nbytes / (row.complete_ms_p50 / 1e3) / 1e9
-                row.x_floor = row.complete_ms_p50 / floor
-                row.us_per_tensor = row.blocked_ms_p50 * 1e3 / max(n_tensors, 1)
-            rows.append(row)
+            if not c:
+                rows.append(Row(device, case, n_tensors, nbytes / MiB, name, *([float("nan")] * 6), 0.0,
+                                float("nan"), note))
+                continue
+            p50 = _pct(c, 0.5)
+            rows.append(Row(
+                device, case, n_tensors, round(nbytes / MiB, 1), name,
+                _pct(b, 0.5), _pct(b, 0.2), _pct(b, 0.8), p50, _pct(c, 0.2), _pct(c, 0.8),
+                nbytes / (p50 / 1e3) / 1e9, p50 / floor, note, _pct(b, 0.5) * 1e3 / max(n_tensors, 1),
+            ))
         del sd
         gc.collect()
         if device == "cuda":
@@ -320,9 +340,7 @@ def run(
     return head, rows
 
 
-def wrap_checkpoint_times(
-    n_params: int = 5000, checkpoints: int = 6, numel: int = 64,
-) -> tuple[list[float], int]:
+def wrap_checkpoint_times(n_params: int = 5000, checkpoints: int = 6, numel: int = 64) -> tuple[list[float], int]:
     """How long ``stager.wrap(model, AdamW).checkpoint(path)`` keeps the training loop waiting.
 
     The model has ``n_params`` parameters of ``numel`` floats; each checkpoint follows an
@@ -350,9 +368,23 @@ def wrap_checkpoint_times(
     return times, tensors
 
 
-def format_table(head: dict[str, Any], rows: list[StagingRow]) -> str:
+def format_table(head: dict, rows: list[Row]) -> str:
     """The human-readable table."""
-    return table(head, COLUMNS, rows)
+    lines = [" ".join(f"{k}={v}" for k, v in head.items())]
+    cols = f"{'case':<6} {'tensors':>7} {'MiB':>8}  {'provider':<32} {'blocked ms p50 (p20-p80)':>26} " \
+           f"{'us/tensor':>9} {'complete ms p50 (p20-p80)':>27} {'GB/s':>7} {'x floor':>8}"
+    lines += [cols, "-" * len(cols)]
+    for r in rows:
+        if r.note.startswith("failed"):
+            lines.append(f"{r.case:<6} {r.tensors:>7} {r.mib:>8.1f}  {r.provider:<32} {r.note}")
+            continue
+        lines.append(
+            f"{r.case:<6} {r.tensors:>7} {r.mib:>8.1f}  {r.provider:<32} "
+            f"{r.blocked_ms_p50:>9.2f} ({r.blocked_ms_p20:>6.2f}-{r.blocked_ms_p80:>7.2f}) "
+            f"{r.us_per_tensor:>9.3f} {r.complete_ms_p50:>10.2f} ({r.complete_ms_p20:>6.2f}-{r.complete_ms_p80:>7.2f}) "
+            f"{r.gbps:>7.2f} {r.x_floor:>8.2f}" + (f"  {r.note}" if r.note else "")
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = Parser(prog="python -m stager bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    every = "tiny,small,mixed,large"
-    parser.add_argument("--cases", default=every, help=f"comma-separated: {every}")
+    parser.add_argument("--cases", default="tiny,small,mixed,large", help="comma-separated: tiny,small,mixed,large")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per provider (after 2 warm-ups)")
     parser.add_argument("--providers", default=None, help="comma-separated substrings of provider names")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
@@ -402,15 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(head, rows))
     if args.wrap:
         times, tensors = wrap_checkpoint_times()
-        p50, p20, p80 = spread_ms(times[1:] or times)
+        later = times[1:] or times
         print(
-            f"wrap: checkpoint() returned in {p50:.3f} ms p50 ({p20:.3f}-{p80:.3f}) after the first "
-            f"({times[0] * 1e3:.3f} ms), 5,000 parameters with "
-            f"AdamW ({tensors} tensors), {'CPU' if args.device == 'cpu' else args.device} figures"
+            f"wrap: checkpoint() returned in {_pct(later, 0.5):.3f} ms p50 ({_pct(later, 0.2):.3f}-"
+            f"{_pct(later, 0.8):.3f}) after the first ({times[0] * 1e3:.3f} ms), 5,000 parameters with "
+            f"AdamW ({tensors} tensors), {args.device.upper() if args.device == 'cpu' else args.device} figures"
         )
     if args.json:
         try:
-            write_json(args.json, head, rows)
+            with open(args.json, "w") as f:
+                json.dump({"header": head, "rows": [asdict(r) for r in rows]}, f, indent=1)
         except OSError as exc:
             return fail(parser.prog, f"could not write --json {args.json!r}: {exc.strerror or exc}")
     return 0

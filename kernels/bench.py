@@ -1,6 +1,6 @@
 """Benchmark of ``pack_gather`` against its floor and against a Python loop of ``copy_`` calls.
 
-Run ``python -m stager.benchmarks.kernels [--json FILE]``. Each case is a mix of region sizes; every
+Run ``python -m stager.kernels.bench [--json FILE]``. Each case is a mix of region sizes; every
 provider packs the same regions into the same kind of buffer:
 
 * ``pack_gather``: the Triton kernel, one launch, with a table prepared once (no host work);
@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,27 +35,25 @@ _CUDA = torch.cuda.is_available()
 if not _CUDA:  # must precede the first import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from stager.benchmarks.common import (  # noqa: E402
-    LEAD,
-    Column,
-    Row,
-    header,
-    percentile,
-    spread_column,
-    spread_ms,
-    table,
-    write_json,
+from stager.kernels.pack import kernel_backend, pack_gather, pack_gather_reference  # noqa: E402
+from stager.kernels.table import (  # noqa: E402
+    PackTable,
+    packed_size,
+    prepare_table,
+    table_from_tensors,
 )
-from stager.kernels import kernel_backend, pack_gather, pack_gather_reference  # noqa: E402
-from stager.kernels.table import PackTable, packed_size, prepare_table, table_from_tensors  # noqa: E402
 
-__all__ = ["KernelRow", "main", "optimizer_mix", "run"]
+__all__ = ["Row", "main", "optimizer_mix", "run"]
 
 
-@dataclass(kw_only=True)
-class KernelRow(Row):
+@dataclass
+class Row:
     """One provider on one case; the JSON rows carry exactly these fields."""
 
+    case: str
+    tensors: int
+    mib: float
+    provider: str
     blocked_ms_p50: float
     blocked_ms_p20: float
     blocked_ms_p80: float
@@ -60,15 +61,6 @@ class KernelRow(Row):
     gb_per_s: float
     of_floor: float
     label: str
-
-
-COLUMNS = LEAD + [
-    spread_column("blocked ms p50 (p20-p80)", "blocked_ms", 3),
-    Column("device ms", lambda r: f"{r.device_ms:.3f}"),
-    Column("GB/s", lambda r: f"{r.gb_per_s:.2f}"),
-    Column("of floor", lambda r: f"{r.of_floor:.2f}"),
-    Column("", lambda r: r.label, left=True),
-]
 
 
 @dataclass
@@ -158,12 +150,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _blocked_s(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
+def _blocked_ms(fn: Callable[[], object], device: torch.device, reps: int) -> list[float]:
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) * 1e3)
         _sync(device)
     return times
 
@@ -174,10 +166,17 @@ def _device_ms(fn: Callable[[], object], device: torch.device, reps: int) -> flo
 
         # Three quantiles come back as a list in every Triton version (one comes back bare).
         return float(triton.testing.do_bench(fn, warmup=10, rep=100, quantiles=[0.5, 0.2, 0.8])[0])
-    return percentile(_blocked_s(fn, device, reps), 0.5) * 1e3
+    return statistics.median(_blocked_ms(fn, device, reps))
 
 
-def run(device: torch.device, reps: int) -> list[KernelRow]:
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10, method="inclusive")
+    return statistics.median(values), q[1], q[7]
+
+
+def run(device: torch.device, reps: int) -> list[Row]:
     """Benchmark every case on ``device``; check the kernel against the reference once each."""
     if device.type == "cuda":
         label = "GPU"
@@ -185,7 +184,7 @@ def run(device: torch.device, reps: int) -> list[KernelRow]:
         label = "CPU (interpreter)"
     else:  # --device cpu where CUDA is present: triton was imported without the interpreter
         label = "CPU (reference)"
-    rows: list[KernelRow] = []
+    rows: list[Row] = []
     for name, sizes in _cases(device):
         case = make_case(name, sizes, device)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -201,25 +200,97 @@ def run(device: torch.device, reps: int) -> list[KernelRow]:
             for provider, fn in providers.items():
                 dev_ms = _device_ms(fn, device, reps)
                 floor_ms = dev_ms if provider == "memcpy" else floor_ms
-                p50, p20, p80 = spread_ms(_blocked_s(fn, device, reps))
-                rows.append(KernelRow(
-                    case=name, tensors=len(sizes), mib=case.nbytes / 2**20, provider=provider,
-                    blocked_ms_p50=p50, blocked_ms_p20=p20, blocked_ms_p80=p80, device_ms=dev_ms,
-                    gb_per_s=case.nbytes / (dev_ms * 1e-3) / 1e9 if dev_ms > 0 else float("inf"),
-                    of_floor=floor_ms / dev_ms if dev_ms > 0 else float("nan"), label=label,
-                ))
+                p50, p20, p80 = _quantiles(_blocked_ms(fn, device, reps))
+                rows.append(
+                    Row(
+                        case=name,
+                        tensors=len(sizes),
+                        mib=case.nbytes / 2**20,
+                        provider=provider,
+                        blocked_ms_p50=p50,
+                        blocked_ms_p20=p20,
+                        blocked_ms_p80=p80,
+                        device_ms=dev_ms,
+                        gb_per_s=case.nbytes / (dev_ms * 1e-3) / 1e9
+                        if dev_ms > 0
+                        else float("inf"),
+                        of_floor=floor_ms / dev_ms if dev_ms > 0 else float("nan"),
+                        label=label,
+                    )
+                )
         del case
     return rows
+
+
+def header(device: torch.device) -> str:
+    """Device, versions and backend, one line each."""
+    import triton
+
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name(device)} ({device}), CUDA {torch.version.cuda}"
+    else:
+        name = (
+            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch threads {torch.get_num_threads()})"
+        )
+    return "\n".join(
+        [
+            f"device: {name}",
+            f"torch {torch.__version__}, triton {triton.__version__}, "
+            f"python {platform.python_version()}",
+            f"backend: {kernel_backend(device)}"
+            + ("; CPU numbers, not GPU speed" if device.type != "cuda" else ""),
+        ]
+    )
+
+
+def format_table(rows: list[Row]) -> str:
+    """The rows as an aligned text table."""
+    cols = [
+        "case",
+        "tensors",
+        "MiB",
+        "provider",
+        "blocked ms p50 (p20-p80)",
+        "device ms",
+        "GB/s",
+        "of floor",
+        "",
+    ]
+    body = [
+        [
+            r.case,
+            str(r.tensors),
+            f"{r.mib:.2f}",
+            r.provider,
+            f"{r.blocked_ms_p50:.3f} ({r.blocked_ms_p20:.3f}-{r.blocked_ms_p80:.3f})",
+            f"{r.device_ms:.3f}",
+            f"{r.gb_per_s:.2f}",
+            f"{r.of_floor:.2f}",
+            r.label,
+        ]
+        for r in rows
+    ]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)).rstrip() for b in body]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: print the header and the table; ``--json FILE`` also writes the rows."""
     parser = argparse.ArgumentParser(
-        prog="python -m stager.benchmarks.kernels", description=__doc__.split("\n")[0]
+        prog="python -m stager.kernels.bench", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the rows (and the header) as JSON")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
-    parser.add_argument("--reps", type=int, default=None, help="timed calls per provider for blocked ms")
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the rows (and the header) as JSON"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed calls per provider for blocked ms"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if _CUDA else "cpu"))
     if device.type == "cuda" and device.index is None:
@@ -230,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         # small parallel copies can cost milliseconds of thread wake-up on a loaded host).
         torch.set_num_threads(1)
     head = header(device)
-    head["backend"] = kernel_backend(device)
     rows = run(device, reps)
-    sys.stdout.write(table(head, COLUMNS, rows) + "\n")
+    sys.stdout.write(head + "\n\n" + format_table(rows) + "\n")
     if args.json:
-        write_json(args.json, head, rows)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"header": head.splitlines(), "rows": [asdict(r) for r in rows]}, f, indent=2)
+            f.write("\n")
     return 0
 
 
