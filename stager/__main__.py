@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cmd, rest = args[0], args[1:]
     if cmd == "bench":
-        from stager.bench import main as run
+        from stager.benchmarks.staging import main as run
     elif cmd == "demo":
         from stager.demo import main as run
     elif cmd == "verify":

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from stager import bench, demo
+from stager import demo
 from stager.__main__ import main
+from stager.benchmarks import staging as bench
 from stager.doctor import report
 
 ROOT = Path(__file__).resolve().parents[1]
