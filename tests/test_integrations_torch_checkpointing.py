@@ -176,7 +176,7 @@ def test_pinned_num_bytes_counts_the_pinned_arena() -> None:
 
 
 def child(root: str, out_path: str) -> None:
-    from stager.arena import SHARE_COUNTS
+    from stager.segments import SHARE_COUNTS
 
     ns: dict[str, Any] = {"__name__": "readme_snippet"}
     exec(compile(readme_snippet("torch_checkpointing"), "README.md (torch_checkpointing snippet)", "exec"), ns)

@@ -108,7 +108,7 @@ def child(mode: str, out_path: str) -> None:
     import torch.distributed as dist
     from torchtitan.components.checkpointer import CheckpointManager
 
-    from stager.arena import SHARE_COUNTS
+    from stager.segments import SHARE_COUNTS
 
     ns: dict[str, Any] = {"__name__": "readme_snippet"}
     exec(compile(readme_snippet("torchtitan"), "README.md (torchtitan snippet)", "exec"), ns)
