@@ -32,17 +32,7 @@ _CUDA = torch.cuda.is_available()
 if not _CUDA:  # must precede the first import of triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from stager.benchmarks.common import (  # noqa: E402
-    LEAD,
-    Column,
-    Row,
-    header,
-    percentile,
-    spread_column,
-    spread_ms,
-    table,
-    write_json,
-)
+from stager.benchmarks import common  # noqa: E402
 from stager.kernels import kernel_backend, pack_gather, pack_gather_reference  # noqa: E402
 from stager.kernels.table import PackTable, packed_size, prepare_table, table_from_tensors  # noqa: E402
 
@@ -50,7 +40,7 @@ __all__ = ["KernelRow", "main", "optimizer_mix", "run"]
 
 
 @dataclass(kw_only=True)
-class KernelRow(Row):
+class KernelRow(common.Row):
     """One provider on one case; the JSON rows carry exactly these fields."""
 
     blocked_ms_p50: float
@@ -62,12 +52,12 @@ class KernelRow(Row):
     label: str
 
 
-COLUMNS = LEAD + [
-    spread_column("blocked ms p50 (p20-p80)", "blocked_ms", 3),
-    Column("device ms", lambda r: f"{r.device_ms:.3f}"),
-    Column("GB/s", lambda r: f"{r.gb_per_s:.2f}"),
-    Column("of floor", lambda r: f"{r.of_floor:.2f}"),
-    Column("", lambda r: r.label, left=True),
+COLUMNS = common.LEAD + [
+    common.spread_column("blocked ms p50 (p20-p80)", "blocked_ms", 3),
+    common.Column("device ms", lambda r: f"{r.device_ms:.3f}"),
+    common.Column("GB/s", lambda r: f"{r.gb_per_s:.2f}"),
+    common.Column("of floor", lambda r: f"{r.of_floor:.2f}"),
+    common.Column("", lambda r: r.label, left=True),
 ]
 
 
@@ -174,7 +164,7 @@ def _device_ms(fn: Callable[[], object], device: torch.device, reps: int) -> flo
 
         # Three quantiles come back as a list in every Triton version (one comes back bare).
         return float(triton.testing.do_bench(fn, warmup=10, rep=100, quantiles=[0.5, 0.2, 0.8])[0])
-    return percentile(_blocked_s(fn, device, reps), 0.5) * 1e3
+    return common.percentile(_blocked_s(fn, device, reps), 0.5) * 1e3
 
 
 def run(device: torch.device, reps: int) -> list[KernelRow]:
@@ -201,7 +191,7 @@ def run(device: torch.device, reps: int) -> list[KernelRow]:
             for provider, fn in providers.items():
                 dev_ms = _device_ms(fn, device, reps)
                 floor_ms = dev_ms if provider == "memcpy" else floor_ms
-                p50, p20, p80 = spread_ms(_blocked_s(fn, device, reps))
+                p50, p20, p80 = common.spread_ms(_blocked_s(fn, device, reps))
                 rows.append(KernelRow(
                     case=name, tensors=len(sizes), mib=case.nbytes / 2**20, provider=provider,
                     blocked_ms_p50=p50, blocked_ms_p20=p20, blocked_ms_p80=p80, device_ms=dev_ms,
@@ -229,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         # The interpreter is single-threaded; a one-thread floor is the comparable one (and
         # small parallel copies can cost milliseconds of thread wake-up on a loaded host).
         torch.set_num_threads(1)
-    head = header(device)
+    head = common.header(device)
     head["backend"] = kernel_backend(device)
     rows = run(device, reps)
-    sys.stdout.write(table(head, COLUMNS, rows) + "\n")
+    sys.stdout.write(common.table(head, COLUMNS, rows) + "\n")
     if args.json:
-        write_json(args.json, head, rows)
+        common.write_json(args.json, head, rows)
     return 0
 
 

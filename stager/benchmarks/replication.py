@@ -33,23 +33,13 @@ from typing import Any, Callable
 
 import torch
 
-from stager.benchmarks.common import (
-    LEAD,
-    Column,
-    MiB,
-    Row,
-    header,
-    spread_column,
-    spread_ms,
-    table,
-    write_json,
-)
+from stager.benchmarks import common
 
 __all__ = ["ReplicationRow", "main"]
 
 
 @dataclass(kw_only=True)
-class ReplicationRow(Row):
+class ReplicationRow(common.Row):
     """One provider on one workload; the JSON rows have exactly these fields."""
 
     ms_p50: float
@@ -63,12 +53,12 @@ class ReplicationRow(Row):
     note: str = ""
 
 
-COLUMNS = LEAD + [
-    spread_column("ms p50 (p20-p80)", "ms", 1),
-    Column("GB/s", lambda r: f"{r.gbps:.2f}"),
-    Column("x floor", lambda r: f"{r.x_floor:.2f}"),
-    Column("msgs", lambda r: str(r.messages)),
-    Column("note", lambda r: r.note, left=True),
+COLUMNS = common.LEAD + [
+    common.spread_column("ms p50 (p20-p80)", "ms", 1),
+    common.Column("GB/s", lambda r: f"{r.gbps:.2f}"),
+    common.Column("x floor", lambda r: f"{r.x_floor:.2f}"),
+    common.Column("msgs", lambda r: str(r.messages)),
+    common.Column("note", lambda r: r.note, left=True),
 ]
 
 
@@ -145,18 +135,18 @@ def _rank_main(rank: int, world: int, port: int, case: str, iters: int, out_path
     results.append(("PGTransport (per tensor)", _time(per_tensor, pg_iters, 1), 2 * (2 + n_tensors), ""))
 
     if rank == 0:
-        floor_p50 = spread_ms(results[0][1])[0]
+        floor_p50 = common.spread_ms(results[0][1])[0]
         rows = []
         for name, times, messages, note in results:
-            p50, p20, p80 = spread_ms(times)
+            p50, p20, p80 = common.spread_ms(times)
             rows.append(ReplicationRow(
-                case=case, tensors=n_tensors, mib=round(nbytes / MiB, 1), provider=name,
+                case=case, tensors=n_tensors, mib=round(nbytes / common.MiB, 1), provider=name,
                 ms_p50=p50, ms_p20=p20, ms_p80=p80, gbps=nbytes / (p50 / 1e3) / 1e9, x_floor=p50 / floor_p50,
                 messages=messages, note=note,
             ))
-        head = header("cpu")
+        head = common.header("cpu")
         head["ranks"] = f"{world} gloo ranks, loopback"
-        write_json(out_path, head, rows)
+        common.write_json(out_path, head, rows)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -187,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(out) as f:
             data = json.load(f)
     rows = [ReplicationRow(**r) for r in data["rows"]]
-    print(table(data["header"], COLUMNS, rows))
+    print(common.table(data["header"], COLUMNS, rows))
     if args.json:
-        write_json(args.json, data["header"], rows)
+        common.write_json(args.json, data["header"], rows)
     return 0
 
 

@@ -26,17 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from stager.benchmarks.common import (
-    LEAD,
-    Column,
-    MiB,
-    Row,
-    header,
-    spread_column,
-    spread_ms,
-    table,
-    write_json,
-)
+from stager.benchmarks import common
 from stager.tree import tensors_in
 
 __all__ = ["WORKLOADS", "StagingRow", "make_workload", "run", "main"]
@@ -45,7 +35,7 @@ NAN = float("nan")
 
 
 @dataclass(kw_only=True)
-class StagingRow(Row):
+class StagingRow(common.Row):
     """One (workload, provider) measurement; the JSON rows have exactly these fields."""
 
     device: str
@@ -62,13 +52,13 @@ class StagingRow(Row):
     """Blocked p50 divided by the number of tensors, in microseconds."""
 
 
-COLUMNS = LEAD + [
-    spread_column("blocked ms p50 (p20-p80)", "blocked_ms", 2),
-    Column("us/tensor", lambda r: f"{r.us_per_tensor:.3f}"),
-    spread_column("complete ms p50 (p20-p80)", "complete_ms", 2),
-    Column("GB/s", lambda r: f"{r.gbps:.2f}"),
-    Column("x floor", lambda r: f"{r.x_floor:.2f}"),
-    Column("note", lambda r: r.note, left=True),
+COLUMNS = common.LEAD + [
+    common.spread_column("blocked ms p50 (p20-p80)", "blocked_ms", 2),
+    common.Column("us/tensor", lambda r: f"{r.us_per_tensor:.3f}"),
+    common.spread_column("complete ms p50 (p20-p80)", "complete_ms", 2),
+    common.Column("GB/s", lambda r: f"{r.gbps:.2f}"),
+    common.Column("x floor", lambda r: f"{r.x_floor:.2f}"),
+    common.Column("note", lambda r: r.note, left=True),
 ]
 
 
@@ -125,13 +115,13 @@ WORKLOADS: dict[str, dict[str, Callable[[], Any]]] = {
         "tiny": lambda: _tiny(100_000, "cpu"),
         "small": lambda: _small(20_000, 1024, 16 * 1024, "cpu"),
         "mixed": lambda: _mixed(12, 512, 8192, "cpu"),
-        "large": lambda: _large(3, 256 * MiB, "cpu"),
+        "large": lambda: _large(3, 256 * common.MiB, "cpu"),
     },
     "cuda": {
         "tiny": lambda: _tiny(100_000, "cuda"),
         "small": lambda: _small(50_000, 8 * 1024, 76 * 1024, "cuda"),
         "mixed": lambda: _mixed(24, 2048, 32768, "cuda"),
-        "large": lambda: _large(8, 1024 * MiB, "cuda"),
+        "large": lambda: _large(8, 1024 * common.MiB, "cuda"),
     },
 }
 
@@ -284,7 +274,7 @@ def run(
     ``budget_s`` bounds each provider's time on each case: a provider that runs past it stops
     after its current call, and its row says how many calls were timed.
     """
-    head = header(device)
+    head = common.header(device)
     rows: list[StagingRow] = []
     all_providers = _providers(device)
     chosen = {k: v for k, v in all_providers.items() if providers is None or any(p in k for p in providers)}
@@ -293,7 +283,7 @@ def run(
         n_tensors = len(tensors_in(sd))
         nbytes = _unique_bytes(sd)
         fb, fc = _time_floor(nbytes, device, iters)
-        floor = spread_ms(fc)[0]
+        floor = common.spread_ms(fc)[0]
         results = [("floor (one memcpy)", fb, fc, "")]
         for name, factory in chosen.items():
             try:
@@ -303,12 +293,13 @@ def run(
             except Exception as exc:  # a provider that cannot run here is reported, not fatal
                 results.append((name, [], [], f"failed: {type(exc).__name__}: {exc}"[:120]))
         for name, b, c, note in results:
-            row = StagingRow(device=device, case=case, tensors=n_tensors, mib=nbytes / MiB, provider=name)
+            row = StagingRow(device=device, case=case, tensors=n_tensors, mib=nbytes / common.MiB,
+                             provider=name)
             row.note = note
             if c:
                 row.mib = round(row.mib, 1)
-                row.blocked_ms_p50, row.blocked_ms_p20, row.blocked_ms_p80 = spread_ms(b)
-                row.complete_ms_p50, row.complete_ms_p20, row.complete_ms_p80 = spread_ms(c)
+                row.blocked_ms_p50, row.blocked_ms_p20, row.blocked_ms_p80 = common.spread_ms(b)
+                row.complete_ms_p50, row.complete_ms_p20, row.complete_ms_p80 = common.spread_ms(c)
                 row.gbps = nbytes / (row.complete_ms_p50 / 1e3) / 1e9
                 row.x_floor = row.complete_ms_p50 / floor
                 row.us_per_tensor = row.blocked_ms_p50 * 1e3 / max(n_tensors, 1)
@@ -352,7 +343,7 @@ def wrap_checkpoint_times(
 
 def format_table(head: dict[str, Any], rows: list[StagingRow]) -> str:
     """The human-readable table."""
-    return table(head, COLUMNS, rows)
+    return common.table(head, COLUMNS, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(head, rows))
     if args.wrap:
         times, tensors = wrap_checkpoint_times()
-        p50, p20, p80 = spread_ms(times[1:] or times)
+        p50, p20, p80 = common.spread_ms(times[1:] or times)
         print(
             f"wrap: checkpoint() returned in {p50:.3f} ms p50 ({p20:.3f}-{p80:.3f}) after the first "
             f"({times[0] * 1e3:.3f} ms), 5,000 parameters with "
@@ -410,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         try:
-            write_json(args.json, head, rows)
+            common.write_json(args.json, head, rows)
         except OSError as exc:
             return fail(parser.prog, f"could not write --json {args.json!r}: {exc.strerror or exc}")
     return 0
