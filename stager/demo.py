@@ -39,6 +39,7 @@ from torch import nn
 
 from stager.checkpoint import checkpoint_layout
 from stager.demo_model import SIZES, make_model, train_step
+from stager.envs import format_size
 from stager.tree import leaves, tensors_in
 
 __all__ = ["main", "range_times"]
@@ -396,7 +397,7 @@ def _main(args: argparse.Namespace, device: torch.device, root: Path) -> int:
     out(f"stager demo on {_device_line(device)}, torch {torch.__version__}")
     out(
         f"model: {args.size} transformer, {layers} layers, d_model {d}, vocab {vocab}, "
-        f"~{n_params / 1e6:.1f}M params; checkpoint {nbytes / 2**20:.1f} MiB in {len(tensors)} tensors "
+        f"~{n_params / 1e6:.1f}M params; checkpoint {format_size(nbytes)} in {len(tensors)} tensors "
         "(model + AdamW state)"
     )
     del model, opt, tensors

@@ -45,6 +45,7 @@ from stager.graphs.bindings import Bindings, bind_program
 from stager.graphs.cuda_graph import Action, CaptureKey, CudaGraphExecutor, capture_key
 from stager.graphs.eager import run_eager
 from stager.graphs.program import Program, build_program
+from stager.stats import DevicePath, Executor
 
 if TYPE_CHECKING:
     from stager.config import StagerConfig
@@ -63,13 +64,15 @@ _LOW_PRIORITY = 0
 """CUDA stream priorities run from 0 (lowest, and the default) to negative numbers (higher): the
 side stream ranks below a training stream only if that one was created with a higher priority."""
 
-_EXECUTOR_RANK = {"cpu": 0, "eager": 1, "graph-replay": 2, "graph-capture": 3}
-_EXECUTOR_OF = {Action.CAPTURE: "graph-capture", Action.REPLAY: "graph-replay", Action.EAGER: "eager"}
+_EXECUTOR_RANK = (Executor.CPU, Executor.EAGER, Executor.GRAPH_REPLAY, Executor.GRAPH_CAPTURE)
+_EXECUTOR_OF = {
+    Action.CAPTURE: Executor.GRAPH_CAPTURE, Action.REPLAY: Executor.GRAPH_REPLAY, Action.EAGER: Executor.EAGER
+}
 
 
-def combine_executor(a: str, b: str) -> str:
+def combine_executor(a: Executor, b: Executor) -> Executor:
     """The executor to report for a stage that used both ``a`` and ``b`` (several devices)."""
-    return a if _EXECUTOR_RANK.get(a, 0) >= _EXECUTOR_RANK.get(b, 0) else b
+    return a if _EXECUTOR_RANK.index(a) >= _EXECUTOR_RANK.index(b) else b
 
 
 def use_triton(mode: Mode) -> bool | None:
@@ -173,8 +176,8 @@ class DeviceCopier:
         self._programs: "weakref.WeakKeyDictionary[Plan, Program]" = weakref.WeakKeyDictionary()
         self.program: Program | None = None
         """The staging program of the plan staged last."""
-        self.path = ""
-        """``packed`` or ``direct``: what the program staged last does."""
+        self.path: DevicePath | None = None
+        """What the program staged last does (packed or direct); ``None`` before the first."""
         self._link: LinkInfo | None = None
         self._link_read = False
         self._index = device.index
@@ -264,7 +267,7 @@ class DeviceCopier:
         program = self._programs.get(plan)
         if program is not None:
             self.program = program
-            self.path = "packed" if program.packed else "direct"
+            self.path = DevicePath.PACKED if program.packed else DevicePath.DIRECT
             return program
         program = self._build(plan)
         if program.packed:
@@ -287,7 +290,7 @@ class DeviceCopier:
             self._drop_entries()
         self._programs[plan] = program
         self.program = program
-        self.path = "packed" if program.packed else "direct"
+        self.path = DevicePath.PACKED if program.packed else DevicePath.DIRECT
         if log.isEnabledFor(logging.DEBUG):
             log.debug("stager: %s", program.describe(format_size))
         return program
@@ -421,7 +424,7 @@ class DeviceCopier:
                     keep: tuple[object, ...] = (bindings, keepalive, plan.src_views, self._chunks)
                 else:
                     run_eager(bindings, stream=side, ranges=nvtx.ranges(cfg.nvtx), done=done)
-                    executor = "eager"
+                    executor = Executor.EAGER
                     keep = (bindings, plan.src_views, self._chunks)
             except BaseException:
                 # Copies queued before the failure still read the sources and write the arena:
@@ -434,5 +437,6 @@ class DeviceCopier:
         if bindings.host_checksums is not None:
             pending.add_checksums(staged_set, bindings.host_checksums, program.checksum_regions)
         stats.executor = combine_executor(stats.executor, executor)
-        stats.device_path = "packed" if self.path == "packed" or stats.device_path == "packed" else "direct"
+        packed = DevicePath.PACKED in (self.path, stats.device_path)
+        stats.device_path = DevicePath.PACKED if packed else DevicePath.DIRECT
         return pending

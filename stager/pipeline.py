@@ -41,7 +41,7 @@ from stager.integrity import checksum_staged_set, clear_checksums
 from stager.plan import Plan, build_plan, gc_paused
 from stager.pool import ArenaPool, PlanSlot
 from stager.staged_set import StagedSet
-from stager.stats import StageStats
+from stager.stats import DevicePath, Executor, StageStats
 from stager.stats import record as record_stats
 from stager.tree import find_cycle, rebuild, walk
 
@@ -259,8 +259,8 @@ class StagingPipeline:
                 # Another accelerator: plain synchronous per-region copies.
                 for i in idx:
                     staged_set.bases[i].copy_(plan.src_views[i])
-                stats.device_path = "direct"
-                stats.executor = "eager"
+                stats.device_path = DevicePath.DIRECT
+                stats.executor = Executor.EAGER
                 continue
             mark = marks.get(device) if marks else None
             if mark is None:

@@ -106,7 +106,6 @@ class Plan:
     """Host bytes one staged copy needs (regions with their alignment padding)."""
     nbytes: int
     """Bytes that one stage copies (sum of region sizes, without padding)."""
-    alignment: int
     src_views: list[torch.Tensor] = field(repr=False)
     """uint8 view of every region's source span, in region order (keeps the sources alive)."""
     src_storages: list[torch.UntypedStorage] = field(default_factory=list, repr=False)
@@ -128,7 +127,6 @@ class Plan:
     their staged tensors get a deep copy of the attributes on every stage."""
     complex_index: list[int] = field(default_factory=list, repr=False)
     """Indices of the complex tensors (the only ones that can carry a lazy conjugate bit)."""
-    devices: list[torch.device] = field(default_factory=list)
     cpu_index: list[int] = field(default_factory=list)
     """Indices of the regions whose source is on the CPU."""
     cpu_src: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -456,7 +454,6 @@ def build_plan(
         rel = start - r.src_offset
         leaves.append(Leaf(p, r.index, t.dtype, size, stride, rel // t.element_size(), type(t)))
 
-    devices = sorted({r.device for r in regions}, key=str)
     cpu_index = [r.index for r in regions if r.device.type == "cpu"]
     device_regions: dict[torch.device, list[int]] = {}
     for r in regions:
@@ -469,7 +466,6 @@ def build_plan(
         regions=regions,
         arena_bytes=max(offset, 1),
         nbytes=sum(r.nbytes for r in regions),
-        alignment=alignment,
         src_views=src_views,
         src_storages=src_storages,
         src_ptrs=[st.data_ptr() for st in src_storages],
@@ -477,7 +473,6 @@ def build_plan(
         region_first=region_first,
         attr_index=[i for i, t in enumerate(tensors) if type(t) in PLAIN_TENSOR_TYPES and t.__dict__],
         complex_index=[i for i, t in enumerate(tensors) if t.is_complex()],
-        devices=devices,
         cpu_index=cpu_index,
         cpu_src=[src_views[i] for i in cpu_index],
         device_regions=device_regions,

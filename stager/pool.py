@@ -33,7 +33,7 @@ from stager.headroom import HostDecision, HostReading, decide_host, read_host
 from stager.holders import traceback_holders
 from stager.plan import Plan
 from stager.staged_set import StagedSet
-from stager.stats import StageStats
+from stager.stats import ArenaSource, StageStats
 
 __all__ = ["ArenaPool", "PlanSlot"]
 
@@ -228,13 +228,13 @@ class ArenaPool:
                     if s.try_acquire():
                         waited = time.perf_counter() - t0 if collected else 0.0
                         stats.waited_s = waited
-                        stats.arena = "cached after wait" if waited else "cached"
+                        stats.arena = ArenaSource.CACHED_AFTER_WAIT if waited else ArenaSource.CACHED
                         stats.host_decision = HostDecision.REUSE.value
                         return s
                 if self._cached_sets() >= cfg.max_arenas:
                     arena = self._take_free_arena(plan)
                     if arena is not None:
-                        stats.arena = "cached"
+                        stats.arena = ArenaSource.CACHED
                         stats.host_decision = HostDecision.REUSE.value
                         return self._cached_set(slot, arena)
             host = read_host(reserve_bytes=cfg.host_reserve, shared_memory=cfg.shared_memory)
@@ -245,10 +245,10 @@ class ArenaPool:
             stats.host_decision = decision.value
             if decision is HostDecision.NEW_CACHED:
                 s = self._cached_set(slot, self._new_arena(plan, stats))
-                stats.arena = "new-cached"
+                stats.arena = ArenaSource.NEW_CACHED
                 return s
             if decision is HostDecision.FRESH:
-                stats.arena = "fresh"
+                stats.arena = ArenaSource.FRESH
                 return self._fresh_set(plan, stats)
             # WAIT: a held arena (or a fresh one's memory) has to come back first.
             if not collected:
@@ -289,7 +289,6 @@ class ArenaPool:
         """:func:`stager.headroom.decide_host` for ``plan`` with the arenas held now."""
         return decide_host(
             plan.arena_bytes,
-            cached_arena_free=False,
             cached_arenas=self._cached_sets(),
             max_cached_arenas=self.config.max_arenas,
             host=host,
@@ -311,6 +310,6 @@ class ArenaPool:
             holders[0],
         )
         stats.notes.append(f"a failed write holds an earlier copy: {holders[0]}")
-        stats.arena = "fresh"
+        stats.arena = ArenaSource.FRESH
         stats.host_decision = HostDecision.FRESH.value
         return self._fresh_set(plan, stats)

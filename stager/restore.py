@@ -37,7 +37,7 @@ import torch
 
 from stager import nvtx
 from stager.errors import RestoreMismatchError
-from stager.stats import StageStats
+from stager.stats import DevicePath, Executor, StageStats
 from stager.tree import holds_tensor
 
 __all__ = ["RestoreMismatchError", "match_tensors", "restore_state"]
@@ -430,8 +430,8 @@ def restore_state(
     stats.tensors = len(matched)
     stats.regions = regions + single
     stats.nbytes = sum(_nbytes(t) for _, t, _ in matched)
-    stats.device_path = "unpack" if by_device else "cpu"
-    stats.executor = "restore-unpack" if by_device else "restore-cpu"
+    stats.device_path = DevicePath.UNPACK if by_device else DevicePath.CPU
+    stats.executor = Executor.RESTORE_UNPACK if by_device else Executor.RESTORE_CPU
     if single:
         stats.notes.append(f"{single} tensors copied one by one (not contiguous or overlapping)")
     stats.blocked_s = stats.complete_s = time.perf_counter() - t0

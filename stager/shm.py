@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from stager.envs import format_size
 from stager.errors import StagingMemoryError
 
 __all__ = [
@@ -273,14 +274,14 @@ class Reclaimed:
     def describe(self) -> str:
         """One clause for an error message."""
         found = (
-            f"{self.files} stale stager arena file(s) of {self.nbytes / 2**20:.1f} MiB, whose owners "
+            f"{self.files} stale stager arena file(s) of {format_size(self.nbytes)}, whose owners "
             "are gone, were found and reclaimed first"
             if self.files
             else "no stale stager arena files were found to reclaim"
         )
         if self.live_files:
             found += (
-                f"; {self.live_files} stager arena file(s) of {self.live_bytes / 2**20:.1f} MiB belong to "
+                f"; {self.live_files} stager arena file(s) of {format_size(self.live_bytes)} belong to "
                 "live processes (python -m stager doctor lists them)"
             )
         return found
@@ -353,8 +354,8 @@ def map_new(nbytes: int, shm_dir: str) -> tuple[mmap.mmap, str, tuple[int, int]]
             free = st.f_bavail * st.f_frsize
     if free < nbytes:
         raise StagingMemoryError(
-            f"shared-memory arena of {nbytes} bytes ({nbytes / 2**20:.1f} MiB) does not fit in {shm_dir}: "
-            f"{free} bytes ({free / 2**20:.1f} MiB) free of {st.f_blocks * st.f_frsize} (statvfs); "
+            f"shared-memory arena of {nbytes} bytes ({format_size(nbytes)}) does not fit in {shm_dir}: "
+            f"{free} bytes ({format_size(free)}) free of {st.f_blocks * st.f_frsize} (statvfs); "
             f"{reclaimed.describe()}; "
             "containers often mount a 64 MB /dev/shm: enlarge it (docker --shm-size, a Kubernetes "
             "emptyDir with medium: Memory) or set STAGER_SHARED_MEMORY=0 and use a thread-based writer"

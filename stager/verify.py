@@ -52,7 +52,7 @@ class _Progress:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m stager verify``."""
-    from stager.envs import parse_size
+    from stager.envs import format_size, parse_size
 
     parser = argparse.ArgumentParser(prog="python -m stager verify", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoint directory written by DCP")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"UNVERIFIABLE {fqn}: {why}")
     status = "FAILED" if report.mismatches else "OK"
     print(
-        f"{status}: {report.verified} tensor chunk(s) verified ({report.verified_bytes / 2**20:,.1f} MiB), "
+        f"{status}: {report.verified} tensor chunk(s) verified ({format_size(report.verified_bytes)}), "
         f"{len(report.mismatches)} mismatched, {len(report.unverifiable)} unverifiable "
         f"({ALGORITHM} v{VERSION}, {report.seconds:.2f} s)"
     )

@@ -146,7 +146,7 @@ def test_a_full_dev_shm_reclaims_stale_files_and_says_so(
             HostArena(100 << 20, shared=True, shm_dir=d)
         msg = str(info.value)
         assert (
-            "1 stale stager arena file(s) of 1.0 MiB, whose owners are gone, were found and reclaimed" in msg
+            "1 stale stager arena file(s) of 1.00 MiB, whose owners are gone, were found and reclaimed" in msg
         )
         assert "STAGER_SHARED_MEMORY=0" in msg
         assert os.listdir(d) == []

@@ -160,10 +160,6 @@ def test_decide_host_error_message_from_real_fixture(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        pytest.param(
-            {"cached_arena_free": True}, ValueError, "reuse the free cached arena",
-            id="free-arena-is-reused-first",
-        ),
         pytest.param({"max_cached_arenas": -1}, ValueError, "max_cached_arenas=-1", id="negative-max"),
         pytest.param({"cache_policy": "sometimes"}, ValueError, "CachePolicy", id="unknown-cache-policy"),
         pytest.param({"lease_policy": "block"}, ValueError, "LeasePolicy", id="unknown-lease-policy"),

@@ -111,7 +111,7 @@ def test_small_dev_shm_raises_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(arena_mod.os, "statvfs", lambda path: Small())
     before = set(arena_files())
-    message = r"(?s)/dev/shm.*64\.0 MiB\) free.*shm-size.*STAGER_SHARED_MEMORY=0"
+    message = r"(?s)/dev/shm.*64\.00 MiB\) free.*shm-size.*STAGER_SHARED_MEMORY=0"
     with pytest.raises(StagingMemoryError, match=message):
         HostArena(100 << 20, shared=True)
     assert set(arena_files()) == before

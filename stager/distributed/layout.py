@@ -145,7 +145,7 @@ def pack_buffer(entry: Outbound, tensors: list[torch.Tensor]) -> tuple[torch.Ten
     return buf, False
 
 
-def receive_plan(meta: bytes, alignment: int, src: int) -> Plan:
+def receive_plan(meta: bytes, src: int) -> Plan:
     """A plan over the sender's buffer layout, with no sources (only its arena layout is used)."""
     try:
         tokens, leaves, regions, buffer_bytes = pickle.loads(meta)
@@ -160,9 +160,7 @@ def receive_plan(meta: bytes, alignment: int, src: int) -> Plan:
         regions=regions,
         arena_bytes=buffer_bytes,
         nbytes=sum(r.nbytes for r in regions),
-        alignment=alignment,
         src_views=[],
-        devices=[torch.device("cpu")] if regions else [],
         cpu_index=[r.index for r in regions],
         cpu_src=[],
         device_regions={},

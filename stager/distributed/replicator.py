@@ -247,7 +247,7 @@ class Replicator:
         with the non-tensor leaves it sent; checks the announced sizes against it."""
         key = h_in.plan_key
         if got.plan is not None:
-            peer.inbound[key] = Inbound(receive_plan(got.plan, self.config.alignment, src))
+            peer.inbound[key] = Inbound(receive_plan(got.plan, src))
             while len(peer.inbound) > _PLANS_KEPT:
                 peer.inbound.popitem(last=False)
         inbound = peer.inbound[key]

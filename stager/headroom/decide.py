@@ -27,7 +27,6 @@ def decide_host(
     cache_policy: CachePolicy | str = CachePolicy.AUTO,
     lease_policy: LeasePolicy | str = LeasePolicy.ALLOCATE,
     fresh_leased: int = 0,
-    cached_arena_free: bool = False,
 ) -> HostDecision:
     """Decide where the next staged copy of ``needed_bytes`` lives in host memory.
 
@@ -37,7 +36,6 @@ def decide_host(
     host reading, the policies and how many fresh arenas are still leased (their memory returns
     when released, so waiting for them can make room). ``cache_policy`` and ``lease_policy`` are
     :class:`~stager.envs.CachePolicy` and :class:`~stager.envs.LeasePolicy` (or their strings).
-    ``cached_arena_free`` must be False (a free arena is the caller's to reuse).
 
     Terms: *room* is ``host.available_bytes >= needed_bytes``; *margin* is room for two arenas
     (``>= 2 * needed_bytes``); *held* is "cached arenas exist"; *leased* is held, or
@@ -75,8 +73,6 @@ def decide_host(
             f"arena counts must be >= 0, got cached_arenas={cached_arenas}, "
             f"max_cached_arenas={max_cached_arenas}, fresh_leased={fresh_leased}"
         )
-    if cached_arena_free:
-        raise ValueError("cached_arena_free=True: reuse the free cached arena instead of deciding")
 
     available = host.available_bytes
     room = available >= needed_bytes
