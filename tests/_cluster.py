@@ -95,7 +95,9 @@ class Cluster:
             except queue.Empty:
                 missing = sorted(set(range(self.world)) - set(results))
                 self.close(kill=True)
-                raise TimeoutError(f"ranks {missing} of {self.world} did not finish {what} within {timeout:g} s") from None
+                raise TimeoutError(
+                    f"ranks {missing} of {self.world} did not finish {what} within {timeout:g} s"
+                ) from None
             results[rank] = (ok, value)
         failed = [(r, v) for r, (ok, v) in sorted(results.items()) if not ok]
         if failed:

@@ -47,7 +47,9 @@ def test_async_save_then_load_is_bit_exact(tmp_path: Path, async_staging: bool) 
     model, opt = make_model(0)
     expected = {k: v.clone() for k, v in flat_tensors(full_state(model, opt)).items()}
     with GraphStager(async_staging=async_staging) as stager:
-        fut = dcp.async_save(full_state(model, opt), checkpoint_id=tmp_path / "ckpt", async_stager=stager, no_dist=True)
+        fut = dcp.async_save(
+            full_state(model, opt), checkpoint_id=tmp_path / "ckpt", async_stager=stager, no_dist=True
+        )
         # Training goes on: in-place updates must not reach the checkpoint.
         if async_staging:
             fut.staging_completion.result()
@@ -76,7 +78,9 @@ def test_repeated_checkpoints_replay_one_plan(tmp_path: Path) -> None:
                 for p in model.parameters():
                     p.mul_(1.01)
             expected = {k: v.clone() for k, v in flat_tensors(full_state(model, opt)).items()}
-            dcp.async_save(full_state(model, opt), checkpoint_id=tmp_path / f"s{step}", async_stager=stager, no_dist=True).result()
+            dcp.async_save(
+                full_state(model, opt), checkpoint_id=tmp_path / f"s{step}", async_stager=stager, no_dist=True
+            ).result()
         assert stager.plans_built == 1
     fresh, fresh_opt = make_model(1)
     state = full_state(fresh, fresh_opt)

@@ -33,7 +33,9 @@ def test_demo_through_the_command_line(capsys: pytest.CaptureFixture[str]) -> No
     assert err == ""
 
 
-def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_without_matplotlib_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
     rc = main(["--steps", "2", "--every", "1", "--plot", "blocked.png"])
     _, err = capsys.readouterr()

@@ -50,7 +50,9 @@ def global_tensors() -> dict[str, torch.Tensor]:
 def placements_for(name: str) -> list[Any]:
     from torch.distributed.tensor import Replicate, Shard
 
-    return {"w": [Shard(0)], "uneven": [Shard(0)], "cols": [Shard(1)], "bias": [Replicate()], "tiny": [Shard(0)]}[name]
+    return {
+        "w": [Shard(0)], "uneven": [Shard(0)], "cols": [Shard(1)], "bias": [Replicate()], "tiny": [Shard(0)]
+    }[name]
 
 
 def dtensor_state(mesh: Any, scale: float = 0.0) -> dict[str, Any]:
@@ -58,7 +60,9 @@ def dtensor_state(mesh: Any, scale: float = 0.0) -> dict[str, Any]:
 
     out: dict[str, Any] = {"model": {}, "step": 7, "extra": {"note": "hello"}}
     for name, t in global_tensors().items():
-        out["model"][name] = distribute_tensor(t + scale if t.is_floating_point() else t, mesh, placements_for(name))
+        out["model"][name] = distribute_tensor(
+            t + scale if t.is_floating_point() else t, mesh, placements_for(name)
+        )
     return out
 
 
@@ -80,7 +84,10 @@ def _save_dtensors(rank: int, world: int, ckpt: str) -> dict[str, Any]:
             assert out.device_mesh == src.device_mesh and out.placements == src.placements, name
             assert out.shape == src.shape and out.stride() == src.stride(), name
             assert torch.equal(out._local_tensor, src._local_tensor), name
-            assert out._local_tensor.untyped_storage().data_ptr() != src._local_tensor.untyped_storage().data_ptr()
+            assert (
+                out._local_tensor.untyped_storage().data_ptr()
+                != src._local_tensor.untyped_storage().data_ptr()
+            )
         del staged
         fut = dcp.async_save(state, checkpoint_id=ckpt, async_stager=stager)
         # Training goes on: in-place updates after staging must not reach the checkpoint.
@@ -307,5 +314,7 @@ def test_import_stager_does_not_import_dtensor_or_dcp() -> None:
         "print(json.dumps([m for m in ('torch.distributed.tensor', 'torch.distributed.checkpoint',"
         " 'torch.distributed.fsdp') if m in sys.modules]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

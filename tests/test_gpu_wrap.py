@@ -64,7 +64,9 @@ def assert_state_equal(got: Any, want: Any) -> None:
         assert torch.equal(g.cpu(), w.cpu()), path
 
 
-def test_step_waits_on_the_device_and_staging_overlaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_step_waits_on_the_device_and_staging_overlaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, opt = make(extra_mib=256)
     with stager.wrap(model, opt) as handle:
         x, y = batch(0)
@@ -94,9 +96,15 @@ def test_step_waits_on_the_device_and_staging_overlaps(tmp_path: Path, monkeypat
         x, y = batch(1)
         torch.cuda._sleep(_SLEEP_CYCLES)  # the compute stream stays busy: staging cannot start yet
         monkeypatch.setattr(torch.cuda.Stream, "wait_event", wait_event)
-        monkeypatch.setattr(torch.cuda.Event, "synchronize", recorder("Event.synchronize", torch.cuda.Event.synchronize))
-        monkeypatch.setattr(torch.cuda.Stream, "synchronize", recorder("Stream.synchronize", torch.cuda.Stream.synchronize))
-        monkeypatch.setattr(torch.cuda, "synchronize", recorder("torch.cuda.synchronize", torch.cuda.synchronize))
+        monkeypatch.setattr(
+            torch.cuda.Event, "synchronize", recorder("Event.synchronize", torch.cuda.Event.synchronize)
+        )
+        monkeypatch.setattr(
+            torch.cuda.Stream, "synchronize", recorder("Stream.synchronize", torch.cuda.Stream.synchronize)
+        )
+        monkeypatch.setattr(
+            torch.cuda, "synchronize", recorder("torch.cuda.synchronize", torch.cuda.synchronize)
+        )
         handle.checkpoint(tmp_path / "c")
         assert handle._staging is not None and handle._staging.staged.wait(30)  # queued on the side stream
         events = handle._events
@@ -106,7 +114,9 @@ def test_step_waits_on_the_device_and_staging_overlaps(tmp_path: Path, monkeypat
         monkeypatch.undo()
         assert syncs == []
         assert still_running, "the CPU waited for staging during the training step"
-        assert any(e is events[-1] for e in waits), "the training step did not wait_event on the staging event"
+        assert any(e is events[-1] for e in waits), (
+            "the training step did not wait_event on the staging event"
+        )
         handle.wait()
         assert handle.records[-1].blocked_s < 0.25
 

@@ -131,5 +131,7 @@ def test_importing_the_integrations_package_imports_no_framework() -> None:
         "import json, sys, stager.integrations\n"
         "print(json.dumps([m for m in ('torchtitan', 'torch_checkpointing') if m in sys.modules]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

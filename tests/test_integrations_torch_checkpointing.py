@@ -179,7 +179,8 @@ def child(root: str, out_path: str) -> None:
     from stager.segments import SHARE_COUNTS
 
     ns: dict[str, Any] = {"__name__": "readme_snippet"}
-    exec(compile(readme_snippet("torch_checkpointing"), "README.md (torch_checkpointing snippet)", "exec"), ns)
+    snippet = readme_snippet("torch_checkpointing")
+    exec(compile(snippet, "README.md (torch_checkpointing snippet)", "exec"), ns)
     SHARE_COUNTS.reset()
     ts, loaded, model, optimizer = ns["train"](root)
     live = optimizer.state_dict()
@@ -188,9 +189,13 @@ def child(root: str, out_path: str) -> None:
         "step": loaded["step"],
         "model_equal": all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items()),
         "model_keys": sorted(loaded["model"]) == sorted(model.state_dict()),
-        "optim_tensors": sum(isinstance(v, torch.Tensor) for s in loaded["optim"]["state"].values() for v in s.values()),
+        "optim_tensors": sum(
+            isinstance(v, torch.Tensor) for s in loaded["optim"]["state"].values() for v in s.values()
+        ),
         "optim_equal": loaded["optim"]["param_groups"] == live["param_groups"] and all(
-            torch.equal(v, live["state"][i][k]) for i, s in loaded["optim"]["state"].items() for k, v in s.items()
+            torch.equal(v, live["state"][i][k])
+            for i, s in loaded["optim"]["state"].items()
+            for k, v in s.items()
         ),
         "plans_built": ts.stager.plans_built,
         "host_bytes": ts.stager.host_bytes().total,
@@ -208,12 +213,14 @@ def test_readme_snippet_saves_through_a_writer_process_and_loads_back(tmp_path: 
     root = tmp_path / "ckpt"
     root.mkdir()
     proc = subprocess.run(
-        [sys.executable, __file__, str(root), str(out)], capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        [sys.executable, __file__, str(root), str(out)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())
     assert r["dirs"] == ["step-1", "step-2", "step-3"]
-    assert r["step"] == 3 and r["model_equal"] and r["model_keys"] and r["optim_tensors"] == 6 and r["optim_equal"]
+    assert r["step"] == 3 and r["model_equal"] and r["model_keys"]
+    assert r["optim_tensors"] == 6 and r["optim_equal"]
     assert r["plans_built"] == 1 and r["arena"] == "cached"
     # Staged tensors reached the writer process by reference; none was copied on the way.
     assert r["by_reference"] > 0 and r["delegated"] == 0

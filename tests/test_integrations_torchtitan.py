@@ -54,7 +54,8 @@ def _mismatches(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
     for key in sorted(set(got) & set(want)):
         a, b = got[key], want[key]
         if isinstance(b, torch.Tensor):
-            same = isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            same = isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+            same = same and torch.equal(a, b)
         else:
             same = a == b
         if not same:
@@ -69,7 +70,9 @@ def _build_parts() -> tuple[Any, Any, Any]:
     model = model_registry("debugmodel").model.build()
     model.init_weights(buffer_device=None)
     optimizers = default_adamw(lr=8e-4).build(model_parts=[model])
-    lr_schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=10)
+    lr_schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(
+        optimizers=optimizers, training_steps=10
+    )
     return model, optimizers, lr_schedulers
 
 
@@ -83,7 +86,8 @@ def _prewarm_check(base: str) -> dict[str, Any]:
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     optimizers.step()
-    checkpointer = StagerCheckpointManager.Config(enable=True, interval=1, keep_latest_k=0, async_mode=ASYNC).build(
+    config = StagerCheckpointManager.Config(enable=True, interval=1, keep_latest_k=0, async_mode=ASYNC)
+    checkpointer = config.build(
         dataloader=None, model_parts=[model], optimizers=optimizers, lr_schedulers=lr_schedulers,
         states={}, sd_adapter=None, base_folder=base,
     )
@@ -97,7 +101,8 @@ def _prewarm_check(base: str) -> dict[str, Any]:
     stats = gs.last_stats
     out = {
         "empty": empty, "prewarmed": prewarmed, "after_save": gs.host_bytes().total,
-        "plans_built": gs.plans_built, "replanned": stats.replanned, "arena": stats.arena, "alloc_s": stats.alloc_s,
+        "plans_built": gs.plans_built, "replanned": stats.replanned, "arena": stats.arena,
+        "alloc_s": stats.alloc_s,
     }
     checkpointer.close()
     return out
@@ -127,7 +132,9 @@ def child(mode: str, out_path: str) -> None:
         "regions": gs.last_stats.regions,
         "by_reference": SHARE_COUNTS.by_reference,
         "delegated": SHARE_COUNTS.delegated,
-        "steps": sorted(p for p in os.listdir(folder) if os.path.exists(os.path.join(folder, p, ".metadata"))),
+        "steps": sorted(
+            p for p in os.listdir(folder) if os.path.exists(os.path.join(folder, p, ".metadata"))
+        ),
     }
 
     model, optimizers, lr_schedulers = _build_parts()
@@ -140,7 +147,9 @@ def child(mode: str, out_path: str) -> None:
     loaded = _flat_state(stock)
     report["mismatches"] = _mismatches(loaded, saved)
     report["model_tensors"] = sum(k.startswith("model/") for k in saved)
-    report["optimizer_tensors"] = sum(k.startswith("optim/") and hasattr(v, "dtype") for k, v in saved.items())
+    report["optimizer_tensors"] = sum(
+        k.startswith("optim/") and hasattr(v, "dtype") for k, v in saved.items()
+    )
     if mode == ASYNC:
         report["prewarm"] = _prewarm_check(os.path.dirname(folder))
     Path(out_path).write_text(json.dumps(report))
@@ -270,21 +279,32 @@ def test_stager_config_per_mode_and_precedence(monkeypatch: pytest.MonkeyPatch) 
         async_mode=ASYNC, stager_profile="low_memory", stager_max_arenas=1, stager_lease_policy="allocate",
         stager_nvtx=True, stager_profile_checkpoints="2-3",
     ).stager_config()
-    assert (fields.profile, fields.max_arenas, fields.lease_policy, fields.nvtx) == ("low_memory", 1, LeasePolicy.ALLOCATE, True)
+    assert (fields.profile, fields.max_arenas, fields.lease_policy, fields.nvtx) == (
+        "low_memory", 1, LeasePolicy.ALLOCATE, True
+    )
     assert tuple(fields.profile_checkpoints) == (2, 3)
     assert from_env.checksum is Mode.AUTO
     monkeypatch.setenv("STAGER_CHECKSUM", "off")
-    assert StagerCheckpointManager.Config(async_mode=ASYNC, stager_checksum="on").stager_config().checksum is Mode.ON
+    checksum_on = StagerCheckpointManager.Config(async_mode=ASYNC, stager_checksum="on")
+    assert checksum_on.stager_config().checksum is Mode.ON
 
 
 @pytest.mark.parametrize(
     "field, value, words",
     [
-        pytest.param("stager_max_arenas", 0, ["checkpoint.stager_max_arenas", "an integer >= 1"], id="max_arenas"),
+        pytest.param(
+            "stager_max_arenas", 0, ["checkpoint.stager_max_arenas", "an integer >= 1"], id="max_arenas"
+        ),
         pytest.param("stager_profile", "fast", ["checkpoint.stager_profile", "low_memory"], id="profile"),
-        pytest.param("stager_lease_policy", "block", ["checkpoint.stager_lease_policy", "wait or allocate"], id="lease"),
-        pytest.param("stager_profile_checkpoints", "3-2", ["checkpoint.stager_profile_checkpoints"], id="window"),
-        pytest.param("stager_checksum", "yes", ["checkpoint.stager_checksum", "auto, on or off"], id="checksum"),
+        pytest.param(
+            "stager_lease_policy", "block", ["checkpoint.stager_lease_policy", "wait or allocate"], id="lease"
+        ),
+        pytest.param(
+            "stager_profile_checkpoints", "3-2", ["checkpoint.stager_profile_checkpoints"], id="window"
+        ),
+        pytest.param(
+            "stager_checksum", "yes", ["checkpoint.stager_checksum", "auto, on or off"], id="checksum"
+        ),
     ],
 )
 def test_a_bad_stager_field_fails_when_the_config_is_built(field: str, value: Any, words: list[str]) -> None:
@@ -302,7 +322,9 @@ def test_disabled_manager_has_no_stager() -> None:
     from stager.integrations.torchtitan import StagerCheckpointManager
 
     model = torch.nn.Linear(4, 4)
-    kwargs = dict(dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None, states={}, sd_adapter=None)
+    kwargs = dict(
+        dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None, states={}, sd_adapter=None
+    )
     off = StagerCheckpointManager.Config(enable=False).build(**kwargs)
     assert off.stager is None
     sync = StagerCheckpointManager.Config(enable=True, async_mode="disabled").build(**kwargs)

@@ -67,7 +67,9 @@ def assert_loaded_equal(model: torch.nn.Module, want: torch.nn.Module) -> None:
         assert torch.equal(a, b), k
 
 
-def checkpoint_with_wrap(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, **overrides: Any) -> None:
+def checkpoint_with_wrap(
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, **overrides: Any
+) -> None:
     with stager.wrap(model, opt, **overrides) as handle:
         handle.checkpoint(path)
 
@@ -75,7 +77,9 @@ def checkpoint_with_wrap(path: Path, model: torch.nn.Module, opt: torch.optim.Op
 def force_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
     """wrap's writer hashes every tensor on the writer thread (what staging left without one)."""
     real = checkpoint_module.dcp_writer
-    monkeypatch.setattr(checkpoint_module, "dcp_writer", lambda path, nvtx_enabled: real(path, nvtx_enabled, checksum=True))
+    monkeypatch.setattr(
+        checkpoint_module, "dcp_writer", lambda path, nvtx_enabled: real(path, nvtx_enabled, checksum=True)
+    )
 
 
 def flip_tensor_byte(ckpt: Path, fqn: str) -> str:
@@ -189,7 +193,10 @@ def test_writer_without_checksums_removes_its_stale_sidecar(tmp_path: Path) -> N
 
 def test_a_tensor_loaded_into_another_dtype_is_unverifiable_not_a_mismatch(tmp_path: Path) -> None:
     ckpt = str(tmp_path / "c")
-    dcp.save({"w": torch.randn(100), "b": torch.randn(3)}, storage_writer=ChecksumWriter(ckpt, checksum=True), no_dist=True)
+    dcp.save(
+        {"w": torch.randn(100), "b": torch.randn(3)},
+        storage_writer=ChecksumWriter(ckpt, checksum=True), no_dist=True,
+    )
     target = {"w": torch.empty(100, dtype=torch.float64), "b": torch.empty(3)}
     dcp.load(target, checkpoint_id=ckpt, no_dist=True)  # DCP converts the dtype on the way in
     report = verify_state_dict(ckpt, target)
@@ -199,7 +206,10 @@ def test_a_tensor_loaded_into_another_dtype_is_unverifiable_not_a_mismatch(tmp_p
 
 def test_a_partial_load_checks_only_what_was_loaded(tmp_path: Path) -> None:
     ckpt = str(tmp_path / "c")
-    dcp.save({"w": torch.randn(100), "b": torch.randn(3)}, storage_writer=ChecksumWriter(ckpt, checksum=True), no_dist=True)
+    dcp.save(
+        {"w": torch.randn(100), "b": torch.randn(3)},
+        storage_writer=ChecksumWriter(ckpt, checksum=True), no_dist=True,
+    )
     target = {"b": torch.empty(3)}
     dcp.load(target, checkpoint_id=ckpt, no_dist=True)
     report = verify_state_dict(ckpt, target)
@@ -217,7 +227,8 @@ def test_chunks_of_a_saved_tensor_are_checked_within_the_loaded_tensor(tmp_path:
     doc = json.loads(Path(path).read_text())
     entry = doc["entries"][0]
     part = full[2:5, 1:3].contiguous()
-    part_sum = lanes64.format_checksum(lanes64.checksum_bytes(part.view(-1).view(torch.uint8).numpy().tobytes()))
+    part_bytes = part.view(-1).view(torch.uint8).numpy().tobytes()
+    part_sum = lanes64.format_checksum(lanes64.checksum_bytes(part_bytes))
     doc["entries"] = [dict(entry, offsets=[2, 1], sizes=[3, 2], checksum=part_sum)]
     Path(path).write_text(json.dumps(doc))
     target = {"w": torch.empty(6, 4)}
@@ -264,7 +275,9 @@ def test_verify_command_on_a_clean_checkpoint(tmp_path: Path, capsys: pytest.Cap
     assert out.startswith("OK: 3 tensor chunk(s) verified") and "0 mismatched" in out
 
 
-def test_verify_command_names_each_flipped_tensor_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_command_names_each_flipped_tensor_and_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ckpt = _saved(tmp_path)
     file = flip_tensor_byte(ckpt, "model.w")
     assert verify_main([str(ckpt), "--batch", "1KiB", "--no-progress"]) == 1
@@ -273,7 +286,9 @@ def test_verify_command_names_each_flipped_tensor_and_fails(tmp_path: Path, caps
     assert lines[-1].startswith("FAILED: 2 tensor chunk(s) verified") and "1 mismatched" in lines[-1]
 
 
-def test_verify_command_on_a_checkpoint_without_checksums(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_command_on_a_checkpoint_without_checksums(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dcp.save({"w": torch.randn(5)}, storage_writer=FileSystemWriter(str(tmp_path / "c")), no_dist=True)
     assert verify_main([str(tmp_path / "c")]) == 0
     assert "no checksums" in capsys.readouterr().out
@@ -284,7 +299,9 @@ def test_verify_command_on_a_checkpoint_without_checksums(tmp_path: Path, capsys
 def test_verify_loads_in_batches_and_reports_progress(tmp_path: Path) -> None:
     ckpt = _saved(tmp_path)
     seen: list[tuple[int, int]] = []
-    report = verify_checkpoint(str(ckpt), batch_bytes=1024, progress=lambda done, total: seen.append((done, total)))
+    report = verify_checkpoint(
+        str(ckpt), batch_bytes=1024, progress=lambda done, total: seen.append((done, total))
+    )
     assert report.verified == 3 and len(seen) == 2  # model.w (64 KiB) alone, then the two small ones
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == seen[-1][1]
 
@@ -380,7 +397,9 @@ def test_writer_reuses_the_checksums_taken_at_staging(staging_hook: None, tmp_pa
     assert verify_checkpoint(str(tmp_path / "c")).verified == 5
 
 
-def test_a_byte_changed_between_staging_and_writing_is_caught_at_load(staging_hook: None, tmp_path: Path) -> None:
+def test_a_byte_changed_between_staging_and_writing_is_caught_at_load(
+    staging_hook: None, tmp_path: Path
+) -> None:
     live = live_state()
     with GraphStager(cache_policy="cached") as st:
         staged = st.stage(live)

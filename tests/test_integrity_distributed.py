@@ -114,7 +114,9 @@ def test_checkpoint_saved_by_2_ranks_is_verified_by_1_and_never_wrongly_flagged_
     # A flipped byte in rank 1's file: named with its file and rank.
     md = dcp.FileSystemReader(ckpt).read_metadata()
     index, info = next(
-        (k, v) for k, v in md.storage_data.items() if k.fqn == "model.w" and v.relative_path.startswith("__1_")
+        (k, v)
+        for k, v in md.storage_data.items()
+        if k.fqn == "model.w" and v.relative_path.startswith("__1_")
     )
     path = Path(ckpt) / info.relative_path
     data = bytearray(path.read_bytes())
@@ -135,7 +137,10 @@ def rank_state(rank: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(50 + rank)
     base = torch.randn(64, generator=g)
     return {
-        "model": {"w": torch.randn(16, 8, generator=g), "b": torch.randn(8, generator=g), "ids": torch.arange(rank, rank + 9)},
+        "model": {
+            "w": torch.randn(16, 8, generator=g), "b": torch.randn(8, generator=g),
+            "ids": torch.arange(rank, rank + 9),
+        },
         "views": [base[2:10], base.view(8, 8).t()],
         "step": rank,
     }

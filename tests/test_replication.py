@@ -50,7 +50,10 @@ def rank_state(rank: int, mesh: Any = None, step: int = 0) -> dict[str, Any]:
         "views": [base[2:10], base[::4], base.view(8, 8).t()],  # one storage, three views
         "moments": Moments(torch.full((2,), float(rank)), 3 + rank),
         "empty": torch.empty(0, 5),
-        "optim": {"step": step, "lr": 0.1 * (rank + 1), "state": {0: {"exp_avg": random_tensor((5,), torch.float32, g)}}},
+        "optim": {
+            "step": step, "lr": 0.1 * (rank + 1),
+            "state": {0: {"exp_avg": random_tensor((5,), torch.float32, g)}},
+        },
         "name": f"rank{rank}",
     }
     if mesh is not None:
@@ -60,7 +63,9 @@ def rank_state(rank: int, mesh: Any = None, step: int = 0) -> dict[str, Any]:
         full = random_tensor((8, 3), torch.float32, torch.Generator().manual_seed(7)) + rank
         world = mesh.size()
         local = full.chunk(world)[rank].clone()
-        state["dt"] = DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride())
+        state["dt"] = DTensor.from_local(
+            local, mesh, [Shard(0)], run_check=False, shape=full.shape, stride=full.stride()
+        )
     return state
 
 
@@ -68,7 +73,10 @@ def assert_structure_kept(replica: dict[str, Any]) -> None:
     """Views stay views of one storage; tied weights stay tied."""
     ptrs = {v.untyped_storage().data_ptr() for v in replica["views"]}
     assert len(ptrs) == 1
-    assert replica["model"]["tied"].untyped_storage().data_ptr() == replica["model"]["p0"].untyped_storage().data_ptr()
+    assert (
+        replica["model"]["tied"].untyped_storage().data_ptr()
+        == replica["model"]["p0"].untyped_storage().data_ptr()
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +311,10 @@ def _regrouped_at_the_same_addresses(rank: int, world: int) -> list[bool]:
         else:  # two storages over the same memory
             sd = {"x": torch.from_numpy(arr[:64]), "y": torch.from_numpy(arr[64:])}
         replica = rep.replicate(sd)
-        out.append(torch.equal(replica["x"], torch.from_numpy(want[:64])) and torch.equal(replica["y"], torch.from_numpy(want[64:])))
+        out.append(
+            torch.equal(replica["x"], torch.from_numpy(want[:64]))
+            and torch.equal(replica["y"], torch.from_numpy(want[64:]))
+        )
     return out
 
 

@@ -182,7 +182,10 @@ def test_restore_packed_unpacks_every_byte_and_nothing_else(
     with GraphStager() as stager:
         staged_dict = stager.stage({str(i): t for i, t in enumerate(live)})
         staged = [staged_dict[str(i)] for i in range(len(live))]
-        want = [torch.randint(0, 255, (t.numel() * t.element_size(),), dtype=torch.uint8, generator=g) for t in staged]
+        want = [
+            torch.randint(0, 255, (t.numel() * t.element_size(),), dtype=torch.uint8, generator=g)
+            for t in staged
+        ]
         for s, w in zip(staged, want):
             if s.is_contiguous():
                 s.reshape(-1).view(torch.uint8).copy_(w)
@@ -192,7 +195,9 @@ def test_restore_packed_unpacks_every_byte_and_nothing_else(
         n_fast, n_slow = _restore_packed(list(zip(staged, live)), torch.device("cpu"), buffers, **limits)
     assert (n_fast, n_slow) == counts
     for s, t in zip(staged, live):  # random bytes include NaNs: compare bytes
-        assert torch.equal(t.contiguous().reshape(-1).view(torch.uint8), s.contiguous().reshape(-1).view(torch.uint8))
+        assert torch.equal(
+            t.contiguous().reshape(-1).view(torch.uint8), s.contiguous().reshape(-1).view(torch.uint8)
+        )
     touched = torch.zeros(4096, dtype=torch.bool)
     for t in live:
         lo = t.data_ptr() - pool.data_ptr()
