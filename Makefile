@@ -26,7 +26,9 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	else echo "Python < 3.11: torchtitan is not installed, its integration tests will skip"; fi
 	touch $(STAMP)
 
+# ruff first (pyflakes, import order, line length: configured in pyproject.toml), then the tests.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -5,6 +5,8 @@ The kernels sit at the bottom of the package, so they can be read, tested and re
 rest of the stager; an import of ``stager.errors`` (or anything else above them) from a kernel
 file, even one inside a function, breaks that. The staging program and its executors sit just
 above them: what they need from the stager (profiler ranges, byte formatting) is handed in.
+Across the whole package, the imports run at module load form no cycle: every module can be
+read, and imported, after the modules it names.
 """
 
 from __future__ import annotations
@@ -112,3 +114,46 @@ def test_region_table_error_is_one_class() -> None:
     assert stager.errors.RegionTableError is cls
     assert issubclass(cls, ValueError)
     assert not issubclass(cls, stager.StagerError)
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the package and its file (``stager.kernels`` etc. live in their own folders)."""
+    found: dict[str, Path] = {}
+    for package in ("stager", "stager.kernels", "stager.graphs", "stager.headroom", "stager.integrity",
+                    "stager.distributed", "stager.benchmarks", "stager.integrations"):
+        for f in _package_dir(package).glob("*.py"):
+            found[package if f.stem == "__init__" else f"{package}.{f.stem}"] = f
+    return found
+
+
+def _load_time_imports(body: list[ast.stmt], known: dict[str, Path]) -> set[str]:
+    """The package modules that running ``body`` imports (not function bodies, not TYPE_CHECKING)."""
+    out: set[str] = set()
+    for node in body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            out |= _load_time_imports(node.body + node.orelse, known)
+        elif isinstance(node, ast.Try):
+            handlers = [s for h in node.handlers for s in h.body]
+            out |= _load_time_imports(node.body + node.orelse + node.finalbody + handlers, known)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for line, name in _stager_imports(node, names=True):
+                out.add(name if name in known else name.rsplit(".", 1)[0] if isinstance(node, ast.ImportFrom)
+                        else name)
+    return {m for m in out if m in known}
+
+
+def test_module_imports_form_no_cycle() -> None:
+    known = _modules()
+    assert "stager.pipeline" in known and "stager.kernels.pack" in known
+    graph = {m: _load_time_imports(ast.parse(f.read_text()).body, known) - {m} for m, f in known.items()}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph[module]):
+            assert dep not in path, f"import cycle: {' -> '.join(path[path.index(dep):] + [dep])}"
+            if dep not in done:
+                visit(dep, path + [dep])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [module])
