@@ -46,12 +46,7 @@ def _device_context(device: torch.device) -> ContextManager[object]:
     return _NULL
 
 
-def issue_ops(
-    bindings: Bindings,
-    ops: range | None = None,
-    *,
-    ranges: Ranges = no_ranges,
-) -> None:
+def issue_ops(bindings: Bindings, ops: range | None = None, *, ranges: Ranges = no_ranges) -> None:
     """Issue the copy, pack and checksum ops at indices ``ops`` (default: the whole program) on
     the current stream. :class:`~stager.graphs.program.RecordEventOp` marks where the program
     ends: the executor records the caller's done event there, never inside a captured graph.

@@ -21,9 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Union
 
-__all__ = [
-    "ChecksumCopyOp", "ChecksumOp", "ChunkCopyOp", "DirectCopyOp", "Op", "PackOp", "RecordEventOp"
-]
+__all__ = ["ChecksumCopyOp", "ChecksumOp", "ChunkCopyOp", "DirectCopyOp", "Op", "PackOp", "RecordEventOp"]
 
 SizeText = Callable[[int], str]
 """Formats a byte count for :meth:`Program.describe` (the stager passes its byte formatter)."""

@@ -49,9 +49,7 @@ from stager.kernels.errors import RegionTableError
 from stager.kernels.reference import bytes_at
 from stager.kernels.table import BLOCK, PackTable, _check_format, prepare_table, tensor_text, validate_table
 
-__all__ = [
-    "ChecksumTable", "prepare_checksum_table", "region_checksums", "region_checksums_reference"
-]
+__all__ = ["ChecksumTable", "prepare_checksum_table", "region_checksums", "region_checksums_reference"]
 
 #: Warps per program.
 NUM_WARPS = 4

@@ -204,9 +204,7 @@ def pack_gather(
 
     Raises :class:`~stager.kernels.errors.RegionTableError` naming the first bad row.
     """
-    kernel = use_kernel(
-        use_triton, out.device if isinstance(out, torch.Tensor) else torch.device("cpu")
-    )
+    kernel = use_kernel(use_triton, out.device if isinstance(out, torch.Tensor) else torch.device("cpu"))
     if checksums is None:
         table, _ = split_checksum_table(table)
         pt = table_for_buffer(table, out, "out", validate=validate, scatter=False, blocks=kernel)
@@ -242,9 +240,7 @@ def unpack_scatter(
     overlap at their addresses (checked unless ``validate=False``), since they are written
     concurrently.
     """
-    kernel = use_kernel(
-        use_triton, src.device if isinstance(src, torch.Tensor) else torch.device("cpu")
-    )
+    kernel = use_kernel(use_triton, src.device if isinstance(src, torch.Tensor) else torch.device("cpu"))
     pt = table_for_buffer(table, src, "src", validate=validate, scatter=True, blocks=kernel)
     if kernel:
         _launch(pt, src, gather=False)

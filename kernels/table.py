@@ -328,9 +328,7 @@ def tensor_text(value: object) -> str:
 
 def _check_buffer(buf: object, name: str) -> torch.Tensor:
     if not isinstance(buf, torch.Tensor):
-        raise RegionTableError(
-            f"{name} must be a contiguous uint8 tensor; got {type(buf).__name__}"
-        )
+        raise RegionTableError(f"{name} must be a contiguous uint8 tensor; got {type(buf).__name__}")
     if buf.dtype != torch.uint8 or not buf.is_contiguous():
         raise RegionTableError(
             f"{name} must be a contiguous uint8 tensor; got dtype={buf.dtype}, "
@@ -370,11 +368,7 @@ def table_for_buffer(
                 f"prepare the table on the buffer's device"
             )
     else:
-        if (
-            isinstance(table, torch.Tensor)
-            and table.device.type != "cpu"
-            and table.device != buf.device
-        ):
+        if isinstance(table, torch.Tensor) and table.device.type != "cpu" and table.device != buf.device:
             raise RegionTableError(
                 f"the region table is on {table.device} but {name} is on {buf.device}; keep the "
                 f"table on the host or on the buffer's device"

@@ -14,15 +14,7 @@ from stager.stager import GraphStager, HostBytes
 from stager.stats import StageStats
 from stager.wrap import WrapHandle, wrap
 
-__all__ = [
-    "GraphStager",
-    "StagerConfig",
-    "StageStats",
-    "HostBytes",
-    "wrap",
-    "WrapHandle",
-    "load_checkpoint",
-]
+__all__ = ["GraphStager", "StagerConfig", "StageStats", "HostBytes", "wrap", "WrapHandle", "load_checkpoint"]
 __all__ += _errors.__all__
 
 

@@ -130,9 +130,7 @@ class StagerConfig:
     """Where each value came from: ``default``, ``profile <name>``, ``env STAGER_X`` or ``argument``."""
 
     @classmethod
-    def resolve(
-        cls, *, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> "StagerConfig":
+    def resolve(cls, *, environ: Mapping[str, str] | None = None, **overrides: Any) -> "StagerConfig":
         """Resolve a config: defaults < profile < ``STAGER_*`` variables < ``overrides``.
 
         ``environ`` defaults to ``os.environ`` (read here, once). An unknown keyword, an unknown

@@ -178,9 +178,7 @@ class Knob:
         elif isinstance(raw, (int, float)):
             text = str(raw)
         else:
-            raise StagerConfigError(
-                f"{origin}: got {raw!r} of type {type(raw).__name__}; expected {form}"
-            )
+            raise StagerConfigError(f"{origin}: got {raw!r} of type {type(raw).__name__}; expected {form}")
         try:
             return self.parse(text)
         except _OutOfRange as exc:

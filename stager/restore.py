@@ -169,9 +169,7 @@ def _bytes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     def bytes_of(t: torch.Tensor) -> torch.Tensor:
         n = t.element_size()
-        return mask.as_strided(
-            (*t.shape, n), (*(st * n for st in t.stride()), 1), t.data_ptr() - lo
-        )
+        return mask.as_strided((*t.shape, n), (*(st * n for st in t.stride()), 1), t.data_ptr() - lo)
 
     try:
         bytes_of(a).fill_(1)
@@ -187,9 +185,7 @@ def _check_overlaps(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], paths: S
     one staged storage are fine: every shared byte gets one value. Otherwise the result would
     depend on the order of the writes.
     """
-    spans = sorted(
-        (str(t.device), *_span(t), i) for i, (_, t) in enumerate(pairs) if t.numel()
-    )
+    spans = sorted((str(t.device), *_span(t), i) for i, (_, t) in enumerate(pairs) if t.numel())
     open_: list[tuple[str, int, int]] = []  # (device, end, index) of spans that may still overlap
     for device, lo, hi, j in spans:
         open_ = [o for o in open_ if o[0] == device and o[1] > lo]

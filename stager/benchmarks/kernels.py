@@ -108,9 +108,7 @@ def _cases(device: torch.device) -> list[tuple[str, list[int]]]:
 def make_case(name: str, sizes: list[int], device: torch.device) -> Case:
     """Allocate one tensor per region (as a state dict would), a packed buffer and the floor's
     source; prepare the table once."""
-    tensors = [
-        torch.full((n,), i % 251, dtype=torch.uint8, device=device) for i, n in enumerate(sizes)
-    ]
+    tensors = [torch.full((n,), i % 251, dtype=torch.uint8, device=device) for i, n in enumerate(sizes)]
     raw = table_from_tensors(tensors)
     out = torch.empty(packed_size(raw), dtype=torch.uint8, device=device)
     nbytes = sum(sizes)

@@ -6,13 +6,7 @@ from __future__ import annotations
 
 from stager.envs import CachePolicy, LeasePolicy, format_size
 from stager.errors import StagingMemoryError
-from stager.headroom.readings import (
-    DeviceDecision,
-    DeviceMode,
-    DeviceReading,
-    HostDecision,
-    HostReading,
-)
+from stager.headroom.readings import DeviceDecision, DeviceMode, DeviceReading, HostDecision, HostReading
 
 MIN_CHUNK_BYTES = 1 << 20
 """The smallest device staging chunk :func:`decide_device` shrinks to before it gives up packing."""

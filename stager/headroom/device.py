@@ -150,9 +150,7 @@ def read_link(device: int | torch.device | str) -> LinkInfo | None:
         curr_width = int(nvml.nvmlDeviceGetCurrPcieLinkWidth(handle))
     except Exception:
         curr_gen = curr_width = None
-    return LinkInfo(
-        gen=gen, width=width, bytes_per_s=bandwidth, curr_gen=curr_gen, curr_width=curr_width
-    )
+    return LinkInfo(gen=gen, width=width, bytes_per_s=bandwidth, curr_gen=curr_gen, curr_width=curr_width)
 
 
 def read_headroom(

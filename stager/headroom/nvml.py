@@ -180,9 +180,7 @@ def nvml_device_handle(index: int, *, nvml: Any, visible_devices: str | None) ->
     matches = [(u, h) for u, h in _uuid_candidates(nvml) if u.startswith(entry)]
     if len(matches) != 1:
         what = "matches no device" if not matches else f"is ambiguous ({[u for u, _ in matches]})"
-        raise ValueError(
-            f"cuda:{index}: CUDA_VISIBLE_DEVICES entry {entry!r} {what} among NVML's devices"
-        )
+        raise ValueError(f"cuda:{index}: CUDA_VISIBLE_DEVICES entry {entry!r} {what} among NVML's devices")
     return matches[0][1], matches[0][0]
 
 

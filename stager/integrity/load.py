@@ -118,9 +118,7 @@ def _check_loaded(
             why = f"saved with {len(offsets)} dimensions, loaded with {local.dim()}"
             report.unverifiable.append((fqn, why))
             continue
-        inside = all(
-            b <= o and o + s <= b + n for b, o, s, n in zip(base, offsets, e.sizes, local.shape)
-        )
+        inside = all(b <= o and o + s <= b + n for b, o, s, n in zip(base, offsets, e.sizes, local.shape))
         if not inside:
             report.unverifiable.append(
                 (fqn, f"the chunk at offsets {list(offsets)} is not held whole on this rank (resharded load)")
