@@ -1,5 +1,5 @@
-"""Helpers of the staging-program and device-path tests: plans and regions of CPU tensors, and
-CUDA faked on the CPU.
+"""Helpers of the staging-program and device-path tests: plans and regions of CPU tensors, CUDA
+faked on the CPU, and the staging paths of the ``staging_path`` fixture (:class:`StagingPath`).
 
 The fakes stand in for streams, events and ``CUDAGraph`` so that the copier's launch path and the
 graph executor run on CPU tensors. The fake graph behaves as a real one does: capturing issues
@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 from _helpers import POISON
 
-from stager import StagerConfig
+from stager import GraphStager, StagerConfig, StageStats
 from stager.arena import HostArena
 from stager.device import DeviceCopier
 from stager.graphs import cuda_graph as _cuda_graph_module
 from stager.plan import Plan, Region, build_plan
 from stager.staged_set import StagedSet
+from stager.stats import ArenaSource, DevicePath, Executor
 from stager.tree import walk
 
 KiB = 1 << 10
@@ -172,3 +174,72 @@ def plans_on_gpu0(monkeypatch: pytest.MonkeyPatch) -> None:
         return plan
 
     monkeypatch.setattr(stager_module, "build_plan", on_gpu0)
+
+
+class RegisteredArena(HostArena):
+    """A pageable host arena that counts as pinned (as if registered with CUDA): graphs are allowed."""
+
+    def __init__(self, nbytes: int, **kw: Any) -> None:
+        super().__init__(nbytes, **{**kw, "pinned": False})
+        self.pinned = True
+
+
+@dataclass(frozen=True)
+class StagingPath:
+    """One way a ``stage()`` runs, for the ``staging_path`` fixture (``tests/conftest.py``).
+
+    ``device``: ``"cpu"`` (CPU sources, copied on the host) or ``"fake-cuda"`` (every region counts
+    as on ``cuda:0`` and is copied by a copier whose device is the CPU, with the fakes of
+    :func:`install_fake_cuda`). ``cached``: a persistent arena (``cache_policy=cached``) or one for
+    this call only (``fresh``). Fake device only: ``packed`` (small regions packed into chunks;
+    else ``pack_threshold=0``, every region direct) and ``graph`` (cached: captured, then replayed
+    once the arena is reused; else ``graphs=off``, eager; a fresh arena always runs eagerly).
+    """
+
+    device: str
+    cached: bool
+    packed: bool = False
+    graph: bool = False
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Put the fake device in place (nothing for the CPU path)."""
+        if self.device == "cpu":
+            return
+        import stager.pipeline as pipeline_module
+
+        install_fake_cuda(monkeypatch)
+        plans_on_gpu0(monkeypatch)
+        monkeypatch.setattr(pipeline_module, "HostArena", RegisteredArena)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+
+    def config(self) -> dict[str, Any]:
+        """The ``GraphStager`` arguments that choose this path."""
+        cfg: dict[str, Any] = {"cache_policy": "cached" if self.cached else "fresh"}
+        if self.device != "cpu":
+            graphs = "auto" if not self.cached else "on" if self.graph else "off"
+            cfg.update(pack_threshold=8 * KiB if self.packed else 0, chunk_size=1 << 20, graphs=graphs)
+        return cfg
+
+    def stager(self, **overrides: Any) -> GraphStager:
+        """A ``GraphStager`` set up for this path (after :meth:`install`)."""
+        cfg = {**self.config(), **overrides}
+        stager = GraphStager(**cfg)
+        if self.device != "cpu":
+            stager._copiers[GPU0] = cpu_copier(**cfg)
+        return stager
+
+    def assert_taken(self, stats: StageStats | None, *, reused: bool) -> None:
+        """``stats`` record this path; ``reused``: the stage reused the arena of an earlier one
+        (released since), so a graph path replays instead of capturing."""
+        assert stats is not None
+        graph_run = Executor.GRAPH_REPLAY if reused else Executor.GRAPH_CAPTURE
+        if self.device == "cpu":
+            want = (Executor.CPU, DevicePath.CPU)
+        else:
+            path = DevicePath.PACKED if self.packed else DevicePath.DIRECT
+            want = (graph_run if self.graph else Executor.EAGER, path)
+        cached = ArenaSource.CACHED if reused else ArenaSource.NEW_CACHED
+        arena = cached if self.cached else ArenaSource.FRESH
+        assert (stats.executor, stats.device_path, stats.arena) == (*want, arena), stats.notes
+        if not self.graph:
+            assert (stats.captures, stats.replays) == (0, 0)
