@@ -16,11 +16,11 @@ import queue
 import socket
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.multiprocessing as mp
 
-__all__ = ["Cluster", "cluster", "shutdown_all"]
+__all__ = ["Cluster", "cluster", "pools_fixture", "shutdown_all"]
 
 _START_TIMEOUT_S = 120.0
 _CALL_TIMEOUT_S = 120.0
@@ -140,6 +140,22 @@ def shutdown_all() -> None:
     while _clusters:
         _, c = _clusters.popitem()
         c.close()
+
+
+def pools_fixture() -> Callable[[], Iterator[None]]:
+    """A session fixture, autouse in the test module that binds it, closing the pools at the end.
+
+    Usage: ``_pools = pools_fixture()`` at module level. pytest is imported here, not at the top,
+    so that the spawned ranks (which import this module) do not import it.
+    """
+    import pytest
+
+    @pytest.fixture(scope="session", autouse=True)
+    def _pools() -> Iterator[None]:
+        yield
+        shutdown_all()
+
+    return _pools
 
 
 atexit.register(shutdown_all)

@@ -17,24 +17,17 @@ from typing import Any
 
 import pytest
 import torch
-from _cluster import cluster, shutdown_all
+from _cluster import cluster, pools_fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "headroom"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pools() -> Any:
-    yield
-    shutdown_all()
+_pools = pools_fixture()
 
 
-# --------------------------------------------------------------------------------------------
 # DTensor state dicts (run inside the ranks)
-# --------------------------------------------------------------------------------------------
-
-
 def global_tensors() -> dict[str, torch.Tensor]:
     """The same global tensors on every rank (uneven shard sizes, several dtypes)."""
     g = torch.Generator().manual_seed(1234)
@@ -130,11 +123,7 @@ def test_dtensor_async_save_4_ranks_then_load_with_4_and_2(tmp_path: Path) -> No
     assert cluster(2).run(_load_dtensors, ckpt) == [5] * 2  # resharded by DCP
 
 
-# --------------------------------------------------------------------------------------------
 # FSDP2 (fully_shard on a CPU mesh with gloo)
-# --------------------------------------------------------------------------------------------
-
-
 def make_fsdp_model(world: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -231,11 +220,7 @@ def test_fsdp2_async_save_2_ranks_then_load_with_4(tmp_path: Path) -> None:
     assert counts[0] > 6
 
 
-# --------------------------------------------------------------------------------------------
 # Bad input on one rank
-# --------------------------------------------------------------------------------------------
-
-
 def _bad_dtensor_local(rank: int, world: int) -> str:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate
@@ -261,11 +246,7 @@ def test_bad_dtensor_on_one_rank_names_its_key_path() -> None:
     assert "state_dict['b']['c']" in out[1] and "meta" in out[1]
 
 
-# --------------------------------------------------------------------------------------------
 # Host budget per node
-# --------------------------------------------------------------------------------------------
-
-
 def _host_budget(rank: int, world: int, fixture: str, local_world_size: str | None) -> dict[str, int]:
     import torch.distributed as dist
 
@@ -303,11 +284,7 @@ def test_host_budget_is_divided_among_ranks_on_a_host(world: int, local_world_si
         assert r["real_ok"]
 
 
-# --------------------------------------------------------------------------------------------
 # Lean import
-# --------------------------------------------------------------------------------------------
-
-
 def test_import_stager_does_not_import_dtensor_or_dcp() -> None:
     code = (
         "import json, sys, stager, stager.distributed\n"

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from concurrent.futures import Future
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +49,16 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-# ------------------------------------------------------------------------------ the stager
-
-
 def test_is_a_checkpoint_stager() -> None:
-    with_default = GraphCheckpointStager()
-    try:
+    with closing(GraphCheckpointStager()) as with_default:
         assert isinstance(with_default, CheckpointStager)
         cfg = with_default.stager.config
         assert cfg.async_staging and cfg.shared_memory  # the writer is a spawned process
-    finally:
-        with_default.close()
 
 
 def test_stage_copies_everything_without_keys() -> None:
     src = _payload()
-    ts = GraphCheckpointStager(shared_memory=False)
-    try:
+    with closing(GraphCheckpointStager(shared_memory=False)) as ts:
         result = ts.stage(src)
         assert isinstance(result, Future)
         staged = result.result()
@@ -77,15 +71,12 @@ def test_stage_copies_everything_without_keys() -> None:
         src["model"]["w"].add_(1.0)  # the staged copy does not follow the source
         assert not torch.equal(staged["model"]["w"], src["model"]["w"])
         assert ts.get_staged_state_dict() is staged
-    finally:
-        ts.close()
 
 
 def test_keys_not_requiring_copy_are_passed_through_as_the_same_objects() -> None:
     src = _payload()
     before = list(src)
-    ts = GraphCheckpointStager(shared_memory=False)
-    try:
+    with closing(GraphCheckpointStager(shared_memory=False)) as ts:
         staged = ts.stage(src, keys_not_requiring_copy={"optim", "extra", "absent"}).result()
         assert list(staged) == before and list(src) == before  # the input is not changed
         assert staged["optim"] is src["optim"] and staged["extra"] is src["extra"]
@@ -94,33 +85,24 @@ def test_keys_not_requiring_copy_are_passed_through_as_the_same_objects() -> Non
         assert staged["step"] == 7 and "absent" not in staged
         # Only what needed a copy was staged: its plan holds the model's tensors, not the optimizer's.
         assert ts.stager.last_stats.tensors == 3
-    finally:
-        ts.close()
 
 
 def test_synchronous_stager_returns_the_payload() -> None:
     src = _payload()
-    ts = GraphCheckpointStager(async_staging=False, shared_memory=False)
-    try:
+    with closing(GraphCheckpointStager(async_staging=False, shared_memory=False)) as ts:
         staged = ts.stage(src, keys_not_requiring_copy=["step"])
         assert isinstance(staged, dict) and torch.equal(staged["extra"], src["extra"])
-    finally:
-        ts.close()
 
 
 def test_keys_for_a_payload_that_is_not_a_mapping_raise() -> None:
-    ts = GraphCheckpointStager(shared_memory=False)
-    try:
+    with closing(GraphCheckpointStager(shared_memory=False)) as ts:
         with pytest.raises(TypeError, match="needs a mapping payload, got list"):
             ts.stage([torch.ones(2)], keys_not_requiring_copy=["x"])
-    finally:
-        ts.close()
 
 
 def test_each_stage_reuses_the_one_arena_and_ends_the_previous_lease() -> None:
     src = _payload()
-    ts = GraphCheckpointStager(shared_memory=False)
-    try:
+    with closing(GraphCheckpointStager(shared_memory=False)) as ts:
         assert ts.get_staged_state_dict() is None
         first = ts.stage(src).result()
         one_arena = ts.stager.host_bytes().total
@@ -131,14 +113,11 @@ def test_each_stage_reuses_the_one_arena_and_ends_the_previous_lease() -> None:
         assert first["model"]["w"].numel() == 0 and second["model"]["w"].numel() == 0  # released
         assert torch.equal(third["model"]["w"], src["model"]["w"])
         assert ts.pinned_num_bytes() == ts.stager.host_bytes().pinned
-    finally:
-        ts.close()
 
 
 def test_without_reuse_older_payloads_stay_valid() -> None:
     src = _payload()
-    ts = GraphCheckpointStager(reuse_previous=False, shared_memory=False)
-    try:
+    with closing(GraphCheckpointStager(reuse_previous=False, shared_memory=False)) as ts:
         first = ts.stage(src).result()
         kept = src["model"]["w"].clone()
         one_arena = ts.stager.host_bytes().total
@@ -146,8 +125,6 @@ def test_without_reuse_older_payloads_stay_valid() -> None:
         second = ts.stage(src).result()
         assert ts.stager.host_bytes().total == 2 * one_arena  # the first arena is still leased
         assert torch.equal(first["model"]["w"], kept) and torch.equal(second["model"]["w"], src["model"]["w"])
-    finally:
-        ts.close()
 
 
 def test_close_closes_the_graph_stager() -> None:
@@ -163,16 +140,10 @@ def test_close_closes_the_graph_stager() -> None:
 
 @pytest.mark.cuda
 def test_pinned_num_bytes_counts_the_pinned_arena() -> None:
-    ts = GraphCheckpointStager(shared_memory=False)
-    try:
+    with closing(GraphCheckpointStager(shared_memory=False)) as ts:
         src = {"w": torch.randn(1024, 256, device="cuda")}
         ts.stage(src).result()
         assert ts.pinned_num_bytes() == ts.stager.host_bytes().pinned >= src["w"].nbytes
-    finally:
-        ts.close()
-
-
-# ------------------------------------------------------------------------------ the README snippet
 
 
 def child(root: str, out_path: str) -> None:

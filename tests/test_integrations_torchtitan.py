@@ -32,9 +32,6 @@ def readme_snippet(name: str) -> str:
     return m.group(1)
 
 
-# ------------------------------------------------------------------------------ child process
-
-
 def _flat_state(checkpointer: Any) -> dict[str, Any]:
     """What the checkpointer saves, as DCP sees it: model and optimizer state, cloned."""
     import torch
@@ -183,9 +180,6 @@ def checksum_child(base: str) -> None:
         checkpointer.maybe_wait_for_saving()
         checkpointer.close()
     dist.destroy_process_group()
-
-
-# ------------------------------------------------------------------------------ tests
 
 
 def _shm_files_of(pid: int) -> list[str]:

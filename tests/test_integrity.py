@@ -97,7 +97,7 @@ def sidecars(ckpt: Path) -> list[dict[str, Any]]:
     return [json.loads(Path(p).read_text()) for p in sorted(glob.glob(str(ckpt / "*stager-checksums.json")))]
 
 
-# ------------------------------------------------------------------------------ checkpoint files
+# checkpoint files
 
 
 def test_wrap_checkpoint_carries_every_tensors_checksum_and_loads_verified(
@@ -254,7 +254,7 @@ def test_a_sidecar_of_another_algorithm_version_is_unverifiable(tmp_path: Path) 
     assert not sums.entries and "unverifiable" in sums.notes[0] and f"v{lanes64.VERSION + 1}" in sums.notes[0]
 
 
-# ------------------------------------------------------------------------------ python -m stager verify
+# python -m stager verify
 
 
 def _saved(tmp_path: Path) -> Path:
@@ -317,7 +317,7 @@ def test_python_dash_m_stager_verify(tmp_path: Path) -> None:
     assert "MISMATCH model.w" in run.stdout
 
 
-# ------------------------------------------------------------------------------ staged copies
+# staged copies
 
 
 def live_state() -> dict[str, Any]:

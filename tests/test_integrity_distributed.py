@@ -18,15 +18,12 @@ from typing import Any
 
 import pytest
 import torch
-from _cluster import cluster, shutdown_all
+from _cluster import cluster, pools_fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pools() -> Any:
-    yield
-    shutdown_all()
+_pools = pools_fixture()
 
 
 def global_tensors() -> dict[str, torch.Tensor]:
@@ -130,7 +127,7 @@ def test_checkpoint_saved_by_2_ranks_is_verified_by_1_and_never_wrongly_flagged_
     assert f"offsets {list(index.offset)}" in msg
 
 
-# ------------------------------------------------------------------------------ replicas
+# replicas
 
 
 def rank_state(rank: int) -> dict[str, Any]:

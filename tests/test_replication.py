@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
-from _cluster import cluster, shutdown_all
+from _cluster import cluster, pools_fixture
 from _helpers import assert_same, random_tensor
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -26,10 +26,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int
           torch.int32, torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _pools() -> Any:
-    yield
-    shutdown_all()
+_pools = pools_fixture()
 
 
 class Moments(NamedTuple):
@@ -79,11 +76,7 @@ def assert_structure_kept(replica: dict[str, Any]) -> None:
     )
 
 
-# --------------------------------------------------------------------------------------------
 # Bit-exact replication
-# --------------------------------------------------------------------------------------------
-
-
 def _replicate_bit_exact(rank: int, world: int, chunk_bytes: int) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -147,11 +140,7 @@ def test_replicate_any_cpu_state_dict_by_packing() -> None:
     assert cluster(2).run(_replicate_foreign_dict) == [False, False]
 
 
-# --------------------------------------------------------------------------------------------
 # A failed rank restored from its partner's memory
-# --------------------------------------------------------------------------------------------
-
-
 def make_model(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
@@ -216,11 +205,7 @@ def test_failed_rank_is_restored_from_its_partner() -> None:
     assert cluster(2).run(_restore_failed_rank) == ["sent", "restored"]
 
 
-# --------------------------------------------------------------------------------------------
 # Bad input on one rank: a clear error there, no hang anywhere
-# --------------------------------------------------------------------------------------------
-
-
 def _bad_input_with_abort(rank: int, world: int) -> dict[str, Any]:
     from stager import GraphStager, StagingInputError
     from stager.distributed import PartnerFailedError, Replicator
@@ -290,11 +275,7 @@ def test_partner_of_a_rank_that_never_replicates_times_out_naming_it() -> None:
     assert timeout <= out[0]["seconds"] < timeout + 10
 
 
-# --------------------------------------------------------------------------------------------
 # Same addresses, another grouping; a failure after the headers; a DTensor inside an object
-# --------------------------------------------------------------------------------------------
-
-
 def _regrouped_at_the_same_addresses(rank: int, world: int) -> list[bool]:
     import numpy as np
 

@@ -135,7 +135,7 @@ def test_non_tensor_leaves_are_left_alone() -> None:
     assert live["optim"]["param_groups"][0]["lr"] == 0.5
 
 
-# ---------------------------------------------------------------- the device path, run on the CPU
+# the device path, run on the CPU
 
 
 def test_split_packable_dedupes_tied_and_isolates_overlaps() -> None:
@@ -205,7 +205,7 @@ def test_restore_packed_unpacks_every_byte_and_nothing_else(
     assert torch.equal(pool[~touched], before[~touched])
 
 
-# ------------------------------------------------------------------------------ awkward targets
+# awkward targets
 
 
 def test_restore_into_a_broadcast_target_and_bool_bytes_is_bit_exact() -> None:
