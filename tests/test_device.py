@@ -101,18 +101,6 @@ def test_executor_and_triton_labels() -> None:
 
 
 
-def test_cpu_state_dict_takes_the_cpu_path() -> None:
-    sd = mixed_state_dict(3)
-    with GraphStager(cache_policy="cached") as stager:
-        out = stager.stage(sd)
-        stats = stager.last_stats
-    assert_same(sd, out)
-    assert stats is not None
-    assert (stats.device_path, stats.executor, stats.captures, stats.replays) == ("cpu", "cpu", 0, 0)
-
-
-
-
 @pytest.fixture
 def gated_device(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Plans whose regions count as on ``cuda:0``, and a device launch whose copy completes only
