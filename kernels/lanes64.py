@@ -43,19 +43,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "ALGORITHM",
-    "VERSION",
-    "LANE_KEY",
-    "MIX1",
-    "MIX2",
-    "LENGTH_KEY",
-    "checksum_bytes",
-    "checksum_tensor_torch",
-    "finalize_torch",
-    "fmix_torch",
-    "format_checksum",
-    "span_checksums",
-    "to_signed",
+    "ALGORITHM", "VERSION", "LANE_KEY", "MIX1", "MIX2", "LENGTH_KEY", "checksum_bytes",
+    "checksum_tensor_torch", "finalize_torch", "fmix_torch", "format_checksum", "span_checksums", "to_signed",
     "to_unsigned",
 ]
 

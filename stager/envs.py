@@ -18,14 +18,7 @@ from stager.errors import StagerConfigError
 from stager.nvtx import CheckpointSet, parse_checkpoints
 
 __all__ = [
-    "Knob",
-    "KNOBS",
-    "KNOBS_BY_FIELD",
-    "OTHER_VARIABLES",
-    "Mode",
-    "CachePolicy",
-    "LeasePolicy",
-    "parse_size",
+    "Knob", "KNOBS", "KNOBS_BY_FIELD", "OTHER_VARIABLES", "Mode", "CachePolicy", "LeasePolicy", "parse_size",
     "format_size",
 ]
 

@@ -14,21 +14,10 @@ from __future__ import annotations
 from stager.kernels.errors import RegionTableError
 
 __all__ = [
-    "StagerError",
-    "StagingInputError",
-    "StagerConfigError",
-    "StagingMemoryError",
-    "LeaseTimeoutError",
-    "StagerClosedError",
-    "SourceModifiedError",
-    "RegionTableError",
-    "RestoreMismatchError",
-    "CheckpointWriteError",
-    "ReplicationError",
-    "ReplicationTimeoutError",
-    "PartnerFailedError",
-    "StagerConfigWarning",
-    "IntegrityError",
+    "StagerError", "StagingInputError", "StagerConfigError", "StagingMemoryError", "LeaseTimeoutError",
+    "StagerClosedError", "SourceModifiedError", "RegionTableError", "RestoreMismatchError",
+    "CheckpointWriteError", "ReplicationError", "ReplicationTimeoutError", "PartnerFailedError",
+    "StagerConfigWarning", "IntegrityError",
 ]
 
 

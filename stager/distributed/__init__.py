@@ -34,10 +34,6 @@ from stager.distributed.replicator import DEFAULT_CHUNK_BYTES, ReplicationStats,
 from stager.errors import PartnerFailedError, ReplicationError, ReplicationTimeoutError
 
 __all__ = [
-    "Replicator",
-    "ReplicationStats",
-    "ReplicationError",
-    "ReplicationTimeoutError",
-    "PartnerFailedError",
+    "Replicator", "ReplicationStats", "ReplicationError", "ReplicationTimeoutError", "PartnerFailedError",
     "DEFAULT_CHUNK_BYTES",
 ]

@@ -169,10 +169,7 @@ def decide_device(
     want = min(needed_chunk_bytes, chunks_in_flight * chunk_bytes)
     if want <= budget:
         return DeviceDecision(
-            DeviceMode.PACKED,
-            chunk_bytes,
-            want,
-            budget,
+            DeviceMode.PACKED, chunk_bytes, want, budget,
             f"{format_size(want)} of chunks fit the {format_size(budget)} budget",
         )
     per_chunk = budget // chunks_in_flight
