@@ -1,13 +1,4 @@
-"""The staging program and its executors (import name ``stager.graphs``).
-
-* :mod:`stager.graphs.ops` -- the ops a program is made of: pack, copy, checksum, record.
-* :mod:`stager.graphs.program` -- :class:`Program`, an immutable ordered list of those ops built
-  from a plan for one device by :func:`build_program`.
-* :mod:`stager.graphs.bindings` -- :func:`bind_program`, which ties a program to memory.
-* :mod:`stager.graphs.eager` -- :func:`run_eager`: run a bound program now on a stream (CPU
-  tensors included, packed with the Triton interpreter or the plain-torch reference).
-* :mod:`stager.graphs.cuda_graph` -- :class:`CudaGraphExecutor`: warm up, capture as CUDA graphs,
-  replay every checkpoint; :class:`CaptureTracker` is its decision logic.
+"""The staging program and its executors (import name ``stager.graphs``); each module says its part.
 
 Importing this package initialises no CUDA context and imports no Triton.
 """

@@ -1,18 +1,9 @@
-"""Pack gather / unpack scatter kernels with their launchers and plain-torch references.
+"""Pack gather / unpack scatter and region-checksum kernels, their launchers and plain-torch references.
 
-A region table (``(n, 3)`` int64 rows ``(address, offset, nbytes)``) says which bytes to copy
-into, or back out of, one contiguous ``uint8`` packed buffer; see :mod:`stager.kernels.table`
-for the format and :mod:`stager.kernels.pack` for the kernel.
-
-Region checksums (``stager-lanes64``, defined in :mod:`stager.kernels.lanes64`):
-``region_checksums`` hashes every region of a table in one launch (:mod:`stager.kernels.checksum`),
-``pack_gather(..., checksums=out)`` does it in the pack launch itself, and
-``region_checksums_reference`` is their plain-torch oracle.
-
+The region table format is in :mod:`stager.kernels.table`, the kernels in :mod:`stager.kernels.pack`
+and :mod:`stager.kernels.checksum`, the checksum's definition in :mod:`stager.kernels.lanes64`.
 Importing this package imports no Triton: the table helpers are plain torch, and the launchers
-(``pack_gather``, ``unpack_scatter``, their ``*_reference`` twins in :mod:`stager.kernels.reference`,
-``triton_available`` and ``kernel_backend`` from :mod:`stager.kernels.backend`, and the checksum
-launchers) load their module, and with it Triton, on first access.
+(and ``triton_available``/``kernel_backend``) load their module, and with it Triton, on first access.
 """
 
 from __future__ import annotations

@@ -1,24 +1,7 @@
 """``python -m stager demo``: train a small transformer, checkpointing with ``wrap`` and with DCP's default.
 
-The same model (built in, synthetic data, no downloads) is trained twice from the same seed:
-
-1. checkpointing every ``--every`` steps through ``stager.wrap`` (``handle.checkpoint(path)``);
-2. checkpointing through ``dcp.async_save`` with PyTorch's ``DefaultStager`` as ``async_save``
-   uses it when given no stager: ``DefaultStager(StagingOptions(False, False, False, False))``.
-
-It then prints, per checkpoint, how long the training loop was blocked and how much longer the
-steps around the checkpoint took than the median step without one, and checks that
-
-* the last checkpoint of each run loads with ``dcp.load`` into a fresh model and optimizer
-  bit-exactly (``torch.equal`` against a copy taken when it was saved);
-* ``handle.restore()`` rolls the live model back to the last checkpoint bit-exactly after a few
-  more steps of training.
-
-Each check prints PASS or FAIL; the exit status is non-zero if any failed. ``--plot FILE.png``
-draws the blocked time per checkpoint (needs the optional ``plot`` extra, matplotlib).
-``--trace FILE.json`` then trains a few more checkpoints under ``torch.profiler`` with the
-``stager/*`` ranges on, writes the trace (Chrome JSON: open it in Perfetto) and prints the time
-per ``stager/*`` range read back from it.
+What it trains, prints and checks (PASS/FAIL, non-zero exit on FAIL), and its options
+(``--plot``, ``--trace``): README.md, "Demo" and "Profiling".
 """
 
 from __future__ import annotations

@@ -1,50 +1,11 @@
 """``wrap(model, optimizer)``: asynchronous checkpoints and in-memory rollback inside a training loop.
 
-::
-
-    handle = stager.wrap(model, optimizer)
-    for step, batch in enumerate(loader):
-        loss = model(batch).loss
-        loss.backward()
-        optimizer.step()            # waits (on the device) for a checkpoint still being staged
-        optimizer.zero_grad()
-        if step % 500 == 0:
-            handle.checkpoint(f"ckpt/{step}")   # stages, hands the copy to dcp.async_save, returns
-    handle.close()                  # waits for the writes; raises if one failed
-
-Saved layout: ``{"model": model.state_dict(), "optim": optimizer.state_dict()}``; a checkpoint
-loads with :func:`stager.load_checkpoint` (see :mod:`stager.checkpoint`, which also writes it).
-
-How a checkpoint runs:
-
-* The state dict handed to the stager is built once from the live objects (the model's parameters
-  and buffers with ``keep_vars=True``, the optimizer's own per-parameter state dicts) and handed
-  over again on every checkpoint: no ``state_dict()`` round trip, so the stager's plan (and, on a
-  GPU, its captured graph) is replayed. It is rebuilt when a module, parameter, persistent buffer,
-  per-parameter optimizer state dict or param group was added, removed or replaced (see
-  :class:`~stager.live.LiveState`); hyperparameters (``lr``...) and ``get_extra_state()`` are read again on
-  every checkpoint.
-* ``checkpoint()`` only records the caller's CUDA streams (an event on each) and hands the rest
-  to the handle's background thread: the identity pass over the live state, the stage and the
-  ``dcp.async_save`` call. It returns at once with a ``Future`` of the write.
-* CPU: the background thread copies the live tensors while the next forward and backward run.
-  An optimizer step pre-hook, and forward pre-hooks on modules with persistent buffers (which a
-  forward may update in place), wait until that copy is complete before anything live changes.
-* GPU: the background thread queues the copy on the stager's side stream
-  (``GraphStager.stage_nowait``), behind the events recorded at the call. The same hooks wait on
-  the CPU only until the copy is queued, then make the compute stream wait for it on the device
-  (``wait_event``). The writer thread waits for the copy before writing. Code that writes the
-  parameters outside ``optimizer.step()`` should call :meth:`WrapHandle.fence` first.
-* Two checkpoints to one path never write at once: the later one is staged at once and written
-  when the earlier write has finished.
-* A checkpoint while an earlier one is still being written follows the stager's lease policy
-  (``STAGER_LEASE_POLICY``): take another host arena, or wait for the held one.
-* A stage or write that fails in the background raises :class:`CheckpointWriteError` from the
-  next ``checkpoint()`` or from ``wait()``/``close()`` (and fails the returned ``Future``);
-  never silently.
-
-``handle.restore()`` copies the last staged copy back into the live tensors (see
-:mod:`stager.restore`), so a run can roll back without reading storage.
+How a checkpoint runs, what it waits for, and how failures surface: README.md, "Training loop
+(``wrap``)". The live dict it stages is :mod:`stager.live`; the saved layout, loading and the DCP
+writes are :mod:`stager.checkpoint`. On a GPU the background thread queues the copy with
+``GraphStager.stage_nowait`` behind the events recorded at the call; the optimizer step and
+buffer-updating forwards wait on the CPU until it is queued, then on the device (``wait_event``).
+``handle.restore()`` rolls back through :mod:`stager.restore`.
 """
 
 from __future__ import annotations

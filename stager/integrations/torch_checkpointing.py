@@ -1,26 +1,10 @@
 """torch_checkpointing: a ``CheckpointStager`` over a ``GraphStager``.
 
-torch_checkpointing (meta-pytorch, tested with 0.1.1) stages through a
-``torch_checkpointing.staging.CheckpointStager`` that its ``AsyncCheckpointSaver`` takes by
-injection (``AsyncCheckpointSaver(checkpoint_stager=..., checkpoint_process=...)``).
-:class:`GraphCheckpointStager` is one, over a :class:`~stager.GraphStager`;
-:func:`make_async_checkpoint_saver` builds the saver with it, as torch_checkpointing's own
-builder of that name does with its ``DefaultStager``::
-
-    from stager.integrations.torch_checkpointing import make_async_checkpoint_saver
-
-    saver = make_async_checkpoint_saver()          # a writer process + GraphCheckpointStager
-    stage_future, write_future = saver.save(path, checkpoint)
-
-The contract it keeps (``CheckpointStager``'s): ``stage(state_dict, keys_not_requiring_copy=())``
-returns a ``Future`` of the staged payload (or the payload itself with ``async_staging=False``);
-the values of ``keys_not_requiring_copy`` come back as the same objects, uncopied; the last
-payload is ``get_staged_state_dict()``; ``pinned_num_bytes()`` is the pinned host memory the
-stager holds. Like torch_checkpointing's ``DefaultStager``, which stages into the same buffers
-every time, a ``stage()`` ends the previous payload's lease (``GraphStager.release``): its arena
-is reused, so one arena serves every checkpoint. torch_checkpointing's saver guarantees that the
-previous write has finished first (its staging lock); a caller that keeps reading an older
-payload builds the stager with ``reuse_previous=False``.
+:class:`GraphCheckpointStager` is a torch_checkpointing (0.1.1) ``CheckpointStager`` that its
+``AsyncCheckpointSaver(checkpoint_stager=...)`` takes; :func:`make_async_checkpoint_saver` builds
+the saver with it, as torch_checkpointing's builder of that name does with its ``DefaultStager``.
+The contract, the lease of the previous payload and an example: README.md, "Integrations /
+torch_checkpointing".
 """
 
 from __future__ import annotations

@@ -1,40 +1,9 @@
 """torchtitan: a ``CheckpointManager`` whose asynchronous saves stage through a ``GraphStager``.
 
-torchtitan (tested with 0.3.0) builds its checkpoint manager from ``Trainer.Config.checkpoint``
-(any ``BaseCheckpointManager.Config``; ``build()`` constructs the class that declares the
-config). :class:`StagerCheckpointManager` is torchtitan's DCP ``CheckpointManager`` with its own
+:class:`StagerCheckpointManager` is torchtitan's (0.3.0) DCP ``CheckpointManager`` with its own
 nested :class:`StagerCheckpointManager.Config`, so it goes wherever torchtitan takes
-``CheckpointManager.Config``::
-
-    from stager.integrations.torchtitan import StagerCheckpointManager
-
-    config.checkpoint = StagerCheckpointManager.Config(
-        enable=True, interval=500, async_mode="async_with_pinned_mem", stager_profile="throughput",
-    )
-
-What changes against the stock manager, per ``async_mode``:
-
-* ``"async_with_pinned_mem"``: torchtitan builds ``DefaultStager(StagingOptions(True, True, True,
-  True))`` on the first save (which needs an accelerator) and writes from a separate process;
-  here the stager is a :class:`~stager.GraphStager` with asynchronous staging and its arena in
-  shared memory, so the staged tensors reach the writer process by reference (no copy).
-* ``"async"``: torchtitan passes no stager (DCP's ``DefaultStager`` with every option off, a
-  synchronous deep copy in ``save()``) and writes from a thread; here the same ``GraphStager``
-  stages asynchronously and the trainer's ``maybe_wait_for_staging()`` (called before the
-  optimizer step) waits for it, as in the pinned mode.
-* ``"disabled"``, the last step's save and Hugging Face exports stay torchtitan's synchronous
-  ``dcp.save``.
-
-Every DCP checkpoint it writes (Hugging Face exports aside) goes through
-:class:`~stager.integrity.ChecksumWriter`, as ``stager.wrap``'s do: with checksums on
-(``stager_checksum="on"`` or ``STAGER_CHECKSUM=on``) each rank writes a sidecar with every saved
-tensor's checksum, which ``stager.load_checkpoint`` and ``python -m stager verify`` check. The
-thread writer reuses the checksums taken when the copy was staged; the process writer
-(``"async_with_pinned_mem"``) and the synchronous saves hash the tensors where they write them.
-With checksums off or ``auto`` a sidecar is written only when the staged copy carries checksums,
-as in ``wrap``.
-
-The stager is closed with the manager (``close()``).
+``CheckpointManager.Config``. What changes per ``async_mode``, the checksums it writes and an
+example: README.md, "Integrations / torchtitan". The stager is closed with the manager.
 """
 
 from __future__ import annotations

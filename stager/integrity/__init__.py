@@ -1,22 +1,9 @@
 """Integrity: a checksum for every staged region and every saved tensor, verified where bytes return.
 
-The checksum is ``stager-lanes64`` version 1 (:mod:`stager.kernels.lanes64`: a 64-bit,
-non-cryptographic checksum over 8-byte lanes, order-independent in parallel, identical on the CPU,
-in plain torch and in the Triton kernels). This package holds everything around it that is not a
-kernel, one module per concern:
-
-* :mod:`~stager.integrity.checksums`: the checksums of host buffers and of tensors' elements;
-* :mod:`~stager.integrity.staged`: staged copies (in-memory restore, replicas): the checksum of
-  every region of a staged set, stored on it, found from a staged tensor, verified again;
-* :mod:`~stager.integrity.sidecar`: the JSON sidecar a saved checkpoint carries per rank;
-* :mod:`~stager.integrity.writer`: :class:`ChecksumWriter`, DCP's ``FileSystemWriter`` that also
-  writes the sidecar (reusing the checksums taken at staging, hashing the rest on the writer
-  thread); it imports ``torch.distributed.checkpoint``, so it is loaded on first use
-  (``stager.integrity.ChecksumWriter``);
-* :mod:`~stager.integrity.load`: verifying a state dict ``dcp.load`` has filled, or every tensor
-  of a checkpoint (``python -m stager verify``).
-
-Importing this package imports no Triton and no ``torch.distributed.checkpoint``.
+The checksum is ``stager-lanes64`` (:mod:`stager.kernels.lanes64`); this package holds everything
+around it that is not a kernel, one module per concern. What is checked where: README.md,
+"Integrity". :class:`ChecksumWriter` imports ``torch.distributed.checkpoint``, so it is loaded on
+first use; importing this package imports no Triton and no ``torch.distributed.checkpoint``.
 """
 
 from __future__ import annotations
