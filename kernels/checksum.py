@@ -30,10 +30,8 @@ at no extra pass over device memory.
 
 Backends
 --------
-As for the pack kernel: compiled on CUDA tensors, interpreted on CPU tensors under
-``TRITON_INTERPRET=1``, and the plain-torch :func:`region_checksums_reference` (one region at a
-time, :func:`stager.kernels.lanes64.checksum_tensor_torch`) anywhere else. Kernel and reference
-agree bit for bit.
+As for the pack kernel (:mod:`stager.kernels.backend`); the plain-torch reference is
+:func:`region_checksums_reference`, bit-identical to the kernel.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Pack gather and unpack scatter: many memory regions into one buffer and back, in one launch.
 
-Data format
------------
-Regions are described by a region table, an ``int64`` tensor of shape ``(n, 3)`` with rows
-``(address, offset, nbytes)``: the region's first byte (any alignment), where it goes in the
-packed buffer, and its length (see :mod:`stager.kernels.table`). The packed buffer is a
-contiguous ``uint8`` tensor on the same device as the regions; byte ``offset + k`` of it holds
-byte ``k`` of the region. Bytes of the packed buffer outside every region are never touched.
+Regions are rows ``(address, offset, nbytes)`` of a region table (format: :mod:`stager.kernels.table`);
+byte ``offset + k`` of the packed buffer holds byte ``k`` of the region, and bytes outside every
+region are never touched.
 
 * :func:`pack_gather` copies every region into the packed buffer (the staging path).
 * :func:`unpack_scatter` copies the packed buffer back to every region (the restore path).
@@ -33,15 +29,8 @@ a given direction and buffer alignment).
 Fused checksum
 --------------
 ``pack_gather(table, out, checksums=c)`` also fills ``c`` (``int64``, one per region) with each
-region's ``stager-lanes64`` checksum (:mod:`stager.kernels.lanes64`). The kernel is then
-specialised with ``CHECKSUM=True``: after copying its chunk, each program reads the same chunk
-again as 8-byte lanes (from the cache it was just loaded through; 8-byte loads when the chunk is
-8-byte aligned, else bytes assembled little-endian), hashes them with their index in the region
-and stores one partial sum per launch row; two small torch ops on the same stream add the
-partials per region and finalise them (:func:`stager.kernels.checksum.combine_partials`). The
-per-chunk routine ``_chunk_hash_sum`` is the stand-alone checksum kernel's
-(:mod:`stager.kernels.checksum`). Without ``checksums`` the kernel is specialised with
-``CHECKSUM=False`` and is the plain copy described above.
+region's ``stager-lanes64`` checksum: the kernel is specialised with ``CHECKSUM=True`` and each
+program hashes the chunk it has just copied (see :mod:`stager.kernels.checksum`).
 
 Backends
 --------

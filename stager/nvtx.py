@@ -1,22 +1,10 @@
 """Profiler ranges around each staging phase, and a window of checkpoints for ``nsys``.
 
-Ranges: ``stager/plan``, ``stager/capture``, ``stager/replay``, ``stager/pack``, ``stager/copy``,
-``stager/restore``, ``stager/write``. They are emitted only when enabled (``STAGER_NVTX=1`` or
-``StagerConfig(nvtx=True)``); a disabled range is a shared no-op context manager, so it costs
-one function call. An enabled range is
-
-* a ``torch.profiler.record_function`` range, so it shows in ``torch.profiler`` traces
-  (Perfetto, TensorBoard) on every device, the CPU included, and in ``nsys`` under
-  ``torch.autograd.profiler.emit_nvtx()`` (a few microseconds per range when nothing records);
-* an NVTX range when CUDA is available, for ``nsys profile -t cuda,nvtx`` (except under
-  ``emit_nvtx``, whose own NVTX range for the ``record_function`` would double it).
-
-``torch.profiler`` records the thread that started it; ranges on the stager's own threads
-(asynchronous staging, ``wrap``'s writer) appear when it records every thread:
-``profile(..., experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True))``.
-
-:func:`profiler_window` brackets chosen checkpoints (``STAGER_PROFILE_CHECKPOINTS``) with
-``cudaProfilerStart``/``cudaProfilerStop``, for ``nsys profile --capture-range=cudaProfilerApi``.
+The ranges, how to record them (``torch.profiler``, ``nsys``) and the window
+(``STAGER_PROFILE_CHECKPOINTS``): README.md, "Profiling". A disabled range is a shared no-op
+context manager; an enabled one is a ``torch.profiler.record_function`` range plus, on CUDA, an
+NVTX range (except under ``emit_nvtx``, whose own NVTX range would double it).
+:func:`profiler_window` brackets the chosen checkpoints with ``cudaProfilerStart``/``Stop``.
 """
 
 from __future__ import annotations

@@ -1,30 +1,14 @@
 """In-memory restore: copy a staged copy back into the live tensors, in place, bit-exact.
 
-``restore_state(staged, into)`` pairs the tensors of a staged dict (what ``GraphStager.stage()``
-returned) with the tensors of ``into`` (the live state dict: ``model.state_dict()``, an
-optimizer's ``state_dict()``, or the nested dict ``wrap`` stages) by key path, checks that the two
-structures match, and copies every staged tensor into its live counterpart:
-
-* live CPU tensors: one ``torch._foreach_copy_``;
-* live CUDA tensors (per device): tensors under the pack threshold go to the device in runs of
-  at most one chunk (``STAGER_CHUNK_SIZE``), each one host-to-device copy into one reused device
-  buffer and one ``unpack_scatter`` launch to the live addresses; so a restore allocates one chunk
-  of device memory, not the size of the state. When a run lies in one host buffer the stager knows
-  (its pinned arena), that buffer's span is the source and no host copy is made; otherwise the
-  bytes are first packed on the host. Larger tensors, tensors that are not contiguous, and those
-  whose bytes partly overlap another live tensor are copied one by one, straight from the host.
-  Restore is eager (no CUDA graph: a rollback is rare, and the table is built per call) and ends
-  with the current stream synchronized, so the live tensors hold the staged bytes when it returns.
-
-Integrity: when the staged copy carries checksums (``STAGER_CHECKSUM``, or a replica verified on
-receipt), every region under the staged tensors is hashed again before anything is written and a
-region that changed in host memory refuses the whole restore with an
-:class:`~stager.errors.IntegrityError` naming the key path (see :mod:`stager.integrity`).
-
-Only tensors are restored. Non-tensor leaves (an optimizer's ``lr``, a step counter stored as an
-``int``) cannot be written in place; the caller restores them (``WrapHandle.restore`` restores the
-optimizer's hyperparameters and non-tensor state). Tensors inside arbitrary objects are not
-restored.
+``restore_state(staged, into)`` pairs the tensors of a staged dict with those of ``into`` (the
+live state dict) by key path, checks that the structures match, and copies every staged tensor
+into its live counterpart (README.md, "In-memory restore"). Live CUDA tensors under the pack
+threshold go to the device in runs of at most one chunk (``STAGER_CHUNK_SIZE``) through one reused
+device buffer and one ``unpack_scatter`` launch each, straight from the stager's pinned arena when
+a run lies in it, else packed on the host first; larger, non-contiguous or partly overlapping
+tensors are copied one by one. Restore is eager and ends with the current stream synchronized.
+A staged copy with checksums is verified first (:mod:`stager.integrity`). Only tensors are
+restored; ``WrapHandle.restore`` restores the optimizer's non-tensor state itself.
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
 """Which live host arena holds an address, and sending shared arenas' storages to other processes.
 
-Every :class:`~stager.arena.HostArena` registers itself here as a :class:`Segment` for as long as
-it lives; :func:`find_segment` answers whether a storage lies in a staged copy (``release()``,
-integrity, replication ask it).
-
-Shared memory and process-based writers. ``dcp.async_save(...,
-async_checkpointer_type=AsyncCheckpointerType.PROCESS)`` sends the staged dict to a spawned writer
-process through ``multiprocessing`` pickling, where torch's reduction of a CPU storage calls
-``_share_fd_cpu_()``: a storage torch did not allocate in shared memory (ours, made by
-``torch.frombuffer``) is *copied* into a new shared segment, one file descriptor per storage, and
-the staged tensor is silently moved there. A shared arena is instead one ``/dev/shm`` file (one
-segment per arena, however many regions it holds, see :mod:`stager.shm`), and
-:func:`install_shared_reduction` chains a reducer in front of torch's for ``UntypedStorage``: a
-storage that lies inside a live shared arena is sent as ``(path, inode, offset, nbytes)`` and mapped
-by the receiving process (copy-on-write, so the writer can never scribble on the trainer's copy);
-every other storage goes to torch's reducer unchanged. Each staged storage keeps exactly its
-region's bytes, so DCP's writer does not clone it either. :data:`SHARE_COUNTS` counts what was sent
-by reference and what was handed to torch, which is how the tests prove that no byte is copied on
-the way to the writer.
+Every :class:`~stager.arena.HostArena` registers itself here as a :class:`Segment` while it lives;
+:func:`find_segment` answers whether a storage lies in a staged copy. For process-based DCP
+writers (README.md, "Many ranks"), torch's pickling would copy every CPU storage into a new shared
+segment; :func:`install_shared_reduction` chains a reducer in front of torch's for
+``UntypedStorage`` that sends a storage inside a live shared arena (:mod:`stager.shm`) as
+``(path, inode, offset, nbytes)``, mapped copy-on-write by the receiver; every other storage goes
+to torch's reducer unchanged. :data:`SHARE_COUNTS` counts both, so tests can prove no byte is copied.
 """
 
 from __future__ import annotations
