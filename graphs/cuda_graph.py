@@ -1,35 +1,22 @@
 """Capture a bound staging program as CUDA graphs once, replay it every checkpoint.
 
 The first run of a program on a destination warms it up eagerly on the executor's side stream
-(that compiles and loads the pack kernel, and is this checkpoint's copy), then captures it, in
-``replay_pieces`` consecutive slices, each into its own ``torch.cuda.CUDAGraph`` on the same
-stream. Later runs replay the graphs: one launch per piece, whatever the number of tensors.
+(compiling the pack kernel; this is the checkpoint's copy), then captures it in ``replay_pieces``
+consecutive slices, each its own ``torch.cuda.CUDAGraph`` on that stream; later runs replay them,
+one launch per piece whatever the number of ops.
 
-What a capture bakes in, and so what it is keyed by (:class:`CaptureKey`): the program (its
-structure), the destination arena, the chunk buffers and, for a checksum program, its checksum
-buffers. One executor serves one binding of one
-program to one arena, so its key never changes once captured; a run with another key is a
-programming error and raises. The source addresses are baked in too, but they are not checked
-here: the stager's plan check before every stage is the one place that decides that the sources
-are where the plan says, and any change there makes a new plan, hence a new program, new
-bindings and a new executor. :class:`CaptureTracker` is the capture/replay decision as a pure
-state machine (testable without a GPU); it also counts captures and replays.
+A capture bakes in, and is keyed by (:class:`CaptureKey`), the program, the destination arena, the
+chunk buffers and any checksum buffers. One executor serves one binding, so its key never changes
+once captured; a run with another key raises. The source addresses are baked in too but checked
+only by the stager's plan check (README.md, "The GPU pipeline"). :class:`CaptureTracker` is the
+capture/replay decision as a pure state machine that counts captures and replays.
 
-Capture rules followed here (see ``torch/cuda/graphs.py``): every buffer is allocated before
-capture (pack and checksum tables are prepared when binding, chunks and checksum buffers belong
-to the caller; the only tensors made during a capture are the checksum's few small temporaries,
-which come from the graph's private memory pool); destinations are pinned host memory;
-``capture_error_mode="thread_local"`` so a training thread's unsafe CUDA calls elsewhere do not
-abort the capture. ``capture_begin`` is
-called directly rather than through ``torch.cuda.graph``, whose entry synchronises the whole
-device and empties the allocator's cache: neither belongs in a training step.
-
-The done event is not captured: the caller passes it to :meth:`CudaGraphExecutor.run`, which
-records it on the side stream after the last piece, so a caller can wait on an ordinary event. A
-replay costs one launch per piece, whatever the number of ops.
-
-If a capture fails the executor says why once (a log warning), stays in state ``FAILED`` and runs
-the program eagerly from then on; the checkpoint in hand was already copied by the warm-up.
+Capture rules (``torch/cuda/graphs.py``): every buffer is allocated before capture (the checksum's
+few temporaries come from the graph's private pool); destinations are pinned;
+``capture_error_mode="thread_local"``; ``capture_begin`` is called directly, since
+``torch.cuda.graph`` synchronises the device and empties the allocator's cache. The done event is
+not captured: :meth:`CudaGraphExecutor.run` records it after the last piece. A failed capture is
+logged once; the executor stays ``FAILED`` and runs eagerly from then on.
 """
 
 from __future__ import annotations

@@ -15,14 +15,10 @@ For each ``stage()`` that has regions on its device, a copier (on the staging th
    pinned and graphs are on; eagerly otherwise;
 5. records the ``done`` event it is given after it, and adds it to a :class:`PendingCopy` with
    every tensor the queued copies touch (sources, chunks, graphs, arena) until it is waited on.
-   A replay costs one launch per piece and one event record, whatever the number of ops.
 
-With ``STAGER_CHECKSUM=on`` the program is a checksum program (``build_program(...,
-checksum=True)``): the same launches, or the same graph, also compute every region's checksum on
-the device into a buffer of the bindings and copy them to a small host buffer before ``done``. The
-copier adds that buffer to the :class:`PendingCopy` (:meth:`PendingCopy.add_checksums`); once the
-copy is complete, :func:`device_checksums` gives the pipeline the values to store (see
-:func:`stager.integrity.checksum_staged_set`). ``auto`` does not turn this on.
+With ``STAGER_CHECKSUM=on`` the program is a checksum program (:mod:`stager.graphs.program`); the
+copier adds its host checksum buffer to the :class:`PendingCopy`, and :func:`device_checksums` gives
+the pipeline the values once the copy is complete.
 
 The decision packed / direct and the chunk size is taken in one place,
 :meth:`DeviceCopier._decide_packing` (the headroom module plugs in there).

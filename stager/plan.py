@@ -3,12 +3,8 @@
 A plan is built from one state dict and reused for every later ``stage()`` of a dict with the same
 *signature*: the same nested structure (container types and keys) and, for every tensor, the same
 ``(data_ptr, size, stride, dtype)``. :meth:`Plan.matches` is the one place that decides that the
-sources are where the plan says; nothing downstream checks it again. Per call it compares the
-structure tokens first (a different dict is rejected before any tensor is read), then reads four
-C-level columns per tensor for the signature, compared column by column (addresses first), one
-more per tensor for a lazy negative view (and one per complex tensor for a conjugate view), and
-two per source storage (address and size: a storage that moved, or was freed and re-allocated
-smaller at the same address, no longer matches), with Python's cyclic garbage collector paused.
+sources are where the plan says; nothing downstream checks it again (what it reads per call:
+README.md, "Plan once, then replay").
 
 Layout. Tensors are grouped by source storage. For each storage the plan stages one *region*: the
 byte span that its tensors reference (from the lowest first byte to the highest last byte, the
@@ -17,9 +13,6 @@ start rounded down to the largest element size among them so every view keeps an
 configured alignment. Every staged tensor is rebuilt over its region's staged storage, which is
 exactly the region's bytes, so views stay views, tied weights stay tied and DCP's writer does not
 clone a staged tensor that had a storage of its own.
-
-Unlike PyTorch's ``StateDictStager``, which copies whole storages, only the referenced span of a
-storage is staged: a small view into a large buffer costs its own bytes, not the buffer's.
 
 DTensors. A ``DTensor`` (from ``fully_shard`` or ``distribute_tensor``) is one leaf whose tensor is
 its local shard: the token carries the DTensor's spec (mesh, placements, global shape and stride),
