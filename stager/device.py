@@ -220,15 +220,8 @@ class DeviceCopier:
         return self._link
 
     def _decide_packing(self, program: Program) -> tuple[bool, int, str]:
-        """Pack or not, and with which chunk size: the single place this is decided.
-
-        ``program`` is the packed program built with the configured chunk size; its
-        ``device_bytes`` (``slots * chunk_bytes``) is what packing would allocate. The device
-        headroom (NVML free plus the caching allocator's slack, less ``STAGER_DEVICE_RESERVE``)
-        decides through :func:`stager.headroom.decide_device`: the configured chunks, smaller
-        chunks, or direct copies. Returns ``(pack, chunk_size, reason)``. An allocation that
-        still fails falls back to direct copies (see :meth:`_program_for`).
-        """
+        """``(pack, chunk_size, reason)`` for ``program`` (packed, configured chunks): the single place
+        this is decided, by :func:`stager.headroom.decide_device` over the device headroom."""
         from stager.headroom import DeviceMode, decide_device, read_device
 
         reading = read_device(self.device) if self.device.type == "cuda" else None

@@ -280,15 +280,8 @@ def _restore_packed(
     pack_threshold: int = 1 << 20,
     chunk_bytes: int = 64 << 20,
 ) -> tuple[int, int]:
-    """Copy host ``staged`` tensors into live tensors on ``device``.
-
-    Contiguous tensors of ``pack_threshold`` bytes or more are copied straight from the host (a
-    pinned arena makes that one DMA each). Smaller ones go through one device buffer of at most
-    ``chunk_bytes``, in runs: one host-to-device copy and one ``unpack_scatter`` launch per run. So
-    the device memory a restore needs is one chunk, not the size of the state. Returns
-    ``(regions unpacked, tensors copied one by one)``. The copies are queued on the current
-    stream of ``device``, in order (the buffer is reused run after run); the caller synchronizes.
-    """
+    """Copy host ``staged`` tensors into live tensors on ``device`` (the CUDA path of the module
+    docstring), queued in order on its current stream; returns ``(regions unpacked, copied one by one)``."""
     from stager.kernels import prepare_table, table_from_triples, unpack_scatter
 
     fast, slow = _split_packable(pairs)

@@ -80,11 +80,7 @@ class GraphStager(StagingPipeline):
             the profile and the ``STAGER_*`` environment.
         **overrides: config fields to set explicitly (they win over everything else).
 
-    The staged copy has the structure of the input; every tensor is a CPU tensor with the same
-    dtype, shape, stride and bytes (``requires_grad=False``; ``nn.Parameter`` becomes a plain
-    tensor, as with PyTorch's ``StateDictStager``); tensors that share a source storage share a
-    staged storage; other leaves are deep-copied. The copy stays valid while anything holds it:
-    a later ``stage()`` never overwrites it.
+    What a staged copy is: README.md, "What a staged copy is"; a later ``stage()`` never overwrites it.
     """
 
     _synchronize_after_execute = False  # DCP's AsyncStager protocol attribute

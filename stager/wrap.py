@@ -116,8 +116,7 @@ class WrapHandle:
 
         Returns at once with a ``Future`` of the write (DCP's metadata): the live state is read,
         staged and handed to DCP on the handle's background thread. The next optimizer step (and
-        forward of a module with persistent buffers) waits for the copy; see the module's
-        docstring.
+        forward of a module with persistent buffers) waits for the copy (README.md, "Training loop").
 
         Raises:
             CheckpointWriteError: an earlier checkpoint failed in the background (its stage or

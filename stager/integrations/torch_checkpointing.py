@@ -37,8 +37,8 @@ class GraphCheckpointStager(CheckpointStager):
             ``overrides`` with asynchronous staging and a shared-memory arena (the writer is a
             spawned process, which then receives the staged tensors by reference). A stager
             passed in is owned by this object from then on (:meth:`close` closes it).
-        reuse_previous: end the previous payload's lease at each ``stage()`` (see the module
-            docstring). Default ``True``, as ``DefaultStager`` reuses its buffers.
+        reuse_previous: end the previous payload's lease at each ``stage()`` (README.md,
+            "torch_checkpointing"). Default ``True``, as ``DefaultStager`` reuses its buffers.
         config, **overrides: for the ``GraphStager`` built here (``StagerConfig`` fields).
     """
 

@@ -40,8 +40,8 @@ class StagerCheckpointManager(CheckpointManager):
 
     Built by torchtitan from :class:`StagerCheckpointManager.Config` with the same keyword
     arguments as ``CheckpointManager`` (``dataloader``, ``model_parts``, ``optimizers``,
-    ``lr_schedulers``, ``states``, ``sd_adapter``, ``base_folder``). See the module docstring for
-    what each ``async_mode`` does.
+    ``lr_schedulers``, ``states``, ``sd_adapter``, ``base_folder``). What each ``async_mode`` does:
+    README.md, "Integrations / torchtitan".
 
     Attributes:
         stager: the :class:`~stager.GraphStager` (``None`` when checkpointing is disabled or
