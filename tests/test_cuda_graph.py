@@ -143,7 +143,7 @@ def test_a_source_freed_and_replaced_is_replanned_and_recaptured_through_the_sta
     fake_cuda: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # FSDP-style: the storage behind t3 is freed (resize_(0)) and a new tensor for t3 may take
-    # its old address (tests/test_stager.py covers that case on its own). The stager plans again
+    # its old address (tests/test_pipeline.py covers that case on its own). The stager plans again
     # and the copier captures a graph over the new sources, then replays it.
     import stager.pipeline as stager_module
 

@@ -260,17 +260,3 @@ def test_device_headroom_chooses_packed_shrunk_or_direct(
         assert program.chunk_size == chunk
     if path == "direct":
         assert any("test reading (injected)" in n for n in stats.notes)
-
-
-def test_arena_layout_puts_each_devices_small_regions_together() -> None:
-    from stager.plan import arena_layout
-
-    g0, g1, cpu = torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cpu")
-    sizes = [10, 5000, 20, 5000, 30, 7, 40]
-    devices = [g0, g0, g0, g0, g1, cpu, g0]
-    offsets, total = arena_layout(sizes, devices, alignment=16, pack_threshold=1000)
-    order = sorted(range(len(sizes)), key=offsets.__getitem__)
-    assert order == [5, 0, 2, 6, 1, 3, 4]  # cpu; cuda:0 small, cuda:0 large; cuda:1
-    assert all(o % 16 == 0 for o in offsets) and total == offsets[4] + 32
-    plain, _ = arena_layout(sizes, devices, alignment=16, pack_threshold=None)
-    assert sorted(range(len(sizes)), key=plain.__getitem__) == [5, 0, 1, 2, 3, 6, 4]
