@@ -30,8 +30,23 @@ from stager.headroom.readings import (
 )
 
 __all__ = [
-    "HostReading", "DeviceReading", "LinkInfo", "Headroom", "HostDecision", "DeviceMode", "DeviceDecision",
-    "MIN_CHUNK_BYTES", "read_host", "read_device", "read_link", "read_headroom", "decide_host",
-    "decide_device", "local_world_size", "parse_visible_devices", "nvml_device_handle", "nvml_status",
+    "HostReading",
+    "DeviceReading",
+    "LinkInfo",
+    "Headroom",
+    "HostDecision",
+    "DeviceMode",
+    "DeviceDecision",
+    "MIN_CHUNK_BYTES",
+    "read_host",
+    "read_device",
+    "read_link",
+    "read_headroom",
+    "decide_host",
+    "decide_device",
+    "local_world_size",
+    "parse_visible_devices",
+    "nvml_device_handle",
+    "nvml_status",
     "pcie_bytes_per_s",
 ]
