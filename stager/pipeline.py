@@ -87,7 +87,7 @@ class StagingPipeline:
     def _init_pipeline_locks(self) -> None:
         self._lock = threading.RLock()  # the pipeline: one stage at a time
         self._copy_pool: ThreadPoolExecutor | None = None
-        self._graveyard: list[Any] = []  # see PendingCopy: emptied at the start of each stage
+        self._graveyard: list[list[object]] = []  # see PendingCopy: emptied at the start of each stage
 
     def _want_pinned(self) -> bool:
         mode = self.config.pinned

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from stager.device import PendingCopy
+    from stager.pipeline import Marks
 
 __all__ = ["CheckpointRecord", "CheckpointWriteError", "WrapHandle", "wrap"]
 
@@ -142,7 +143,7 @@ class WrapHandle:
         return ticket.result
 
     def _run_checkpoint(
-        self, ticket: _Ticket, record: CheckpointRecord, marks: dict | None, snapshot: Snapshot
+        self, ticket: _Ticket, record: CheckpointRecord, marks: Marks | None, snapshot: Snapshot
     ) -> None:
         """The background half of :meth:`checkpoint`: read, stage, hand to DCP."""
         try:
@@ -268,7 +269,7 @@ class WrapHandle:
             raise StagerClosedError("this WrapHandle was closed; call stager.wrap() again")
 
     def _stage(
-        self, state: dict[str, Any], marks: dict | None = None
+        self, state: dict[str, Any], marks: Marks | None = None
     ) -> tuple[dict[str, Any], PendingCopy | None]:
         """Stage ``state``; return the staged dict and the device copies still in flight (or None)."""
         if isinstance(self.stager, GraphStager):
