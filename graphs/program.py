@@ -1,38 +1,26 @@
 """The staging program: an immutable, ordered list of the ops that stage one device's regions.
 
-A program is built once per plan and device from the plan's regions (their size and arena offset)
-and three knobs: the pack threshold, the chunk size and the number of chunk slots. It is pure
-structure: it names regions by index and bytes by offset, never by address, so it can be built,
-compared and described without a GPU. The addresses come in when a program is *bound*
-(:class:`~stager.graphs.bindings.Bindings`: source views, the destination arena, the device
-chunks, the prepared pack tables) and run, eagerly (:mod:`stager.graphs.eager`) or as CUDA graphs
-(:mod:`stager.graphs.cuda_graph`).
+A program is built once per plan and device from the plan's regions and three knobs (pack
+threshold, chunk size, chunk slots). It names regions by index and bytes by offset, never by
+address, so it can be built, compared and described without a GPU; addresses come in when it is
+bound (:class:`~stager.graphs.bindings.Bindings`) and run, eagerly (:mod:`stager.graphs.eager`) or
+as CUDA graphs (:mod:`stager.graphs.cuda_graph`). The ops are in :mod:`stager.graphs.ops`.
 
-The ops, in the order they run, are in :mod:`stager.graphs.ops`.
+Runs. The plan fixes the arena layout, so a chunk copy may only cover arena bytes of packed
+regions of its run (or padding): a run is a maximal sequence of regions adjacent in arena order,
+on this device, each under the pack threshold, spanning at most one chunk; a run shorter than
+:data:`MIN_RUN` goes direct. Small tensors that alternate with large ones in the arena (weight,
+bias, weight, bias...) therefore go direct; a plan that lays each device's small regions side by
+side packs them all.
 
-Runs. The arena layout is fixed by the plan, so a chunk copy may only cover arena bytes that
-belong to packed regions of its run (or to padding). A run is therefore a maximal sequence of
-regions that are adjacent in arena order, all on this device, each smaller than the pack
-threshold, spanning at most one chunk. Any other region (large, on another device, on the CPU)
-ends the run. A run of fewer than :data:`MIN_RUN` regions is copied directly: packing one region
-costs a launch and saves nothing. Runs follow arena order, not region index: with regions laid out
-in state-dict order, small tensors that alternate with large ones (weight, bias, weight, bias...)
-are runs of one and go direct; a plan that puts each device's small regions next to each other in
-the arena lets all of them pack.
+Slots. Run ``k`` packs into chunk slot ``k % slots``; every op runs on one stream, so a slot is
+never refilled before its previous copy was issued, and the device memory stays
+``slots * chunk_bytes`` whatever the number of runs.
 
-Slots. Runs use ``slots`` chunk buffers in turn (a ring): run ``k`` packs into slot ``k % slots``.
-Every op runs on one stream, so a slot is never refilled before its previous copy has been
-issued ahead of it; the device memory is ``slots * chunk_bytes`` whatever the number of runs.
-
-Checksums. ``build_program(..., checksum=True)`` makes a program that also computes the
-``stager-lanes64`` checksum (:mod:`stager.kernels.lanes64`) of every region it stages, on the
-device, in the same stream (and so in the same CUDA graph): each pack hashes its regions in the
-pack launch itself (``pack_gather(..., checksums=...)``), one :class:`ChecksumOp` hashes every
-directly copied region from its device source, and a :class:`ChecksumCopyOp` copies the values to
-a host buffer before the done marker. The values land in one ``int64`` device buffer with one
-*checksum slot* per region: the packed regions in pack order, then the direct ones
-(:attr:`Program.checksum_regions` names the region of each slot), so that every launch writes one
-contiguous slice. A checksum program is a different program (:attr:`Program.key`).
+Checksums (``checksum=True``, a different :attr:`Program.key`): each pack hashes its regions in its
+own launch, one :class:`ChecksumOp` hashes the direct ones and a :class:`ChecksumCopyOp` brings the
+values to the host before the done marker. They land in one ``int64`` buffer, one slot per region
+(packed ones in pack order, then the direct ones), so that every launch writes one contiguous slice.
 """
 
 from __future__ import annotations
@@ -193,9 +181,7 @@ def build_program(
 
     ``pack=False`` copies every region directly (the fallback when device memory is short).
     Regions of other devices are skipped but still end a run, since their arena bytes lie between.
-    ``checksum=True`` also computes every region's checksum on the device (see the module
-    docstring): the packs hash what they copy, a :class:`ChecksumOp` hashes the direct regions,
-    and a :class:`ChecksumCopyOp` before the done marker brings the values to the host.
+    ``checksum=True`` also computes every region's checksum on the device (see the module docstring).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -1,23 +1,13 @@
 """The staging pipeline: the one path of every stage, from the plan check to the staged dict.
 
-Every :class:`~stager.stager.GraphStager` entry point (``stage()``, synchronous or asynchronous,
-``stage_nowait()``, ``prewarm()``) runs :meth:`StagingPipeline._pipeline`, one call at a time:
-
-1. walk the state dict and find the plan it matches among the plans kept (up to
-   ``max_plans``; a new plan otherwise: bad input raises here, before anything is copied);
-2. take a host arena for the staged copy: a free cached one of that plan, another one, a fresh
-   one or, per the lease policy, wait for one to come free (:mod:`stager.pool`);
-3. copy every source region into its slot (CPU sources: ``_foreach_copy_``, split over up to
-   ``torch.get_num_threads()`` threads when there are many; device sources: the staging program
-   on a low-priority side stream, replayed as CUDA graphs, see :mod:`stager.device` and
-   :mod:`stager.graphs`);
-4. rebuild the nested structure around the staged tensors (while device copies are in flight)
-   and deep-copy the other leaves; wait for the copies (except ``stage_nowait``).
-
-Stats are filled and failures cleaned up in that one function. A source whose version counter
-moved while it was being copied fails the stage with
-:class:`~stager.errors.SourceModifiedError` (when asked to check) instead of handing out a copy
-that may mix two steps. Plans are not changed once published.
+Every :class:`~stager.stager.GraphStager` entry point (``stage()``, ``stage_nowait()``,
+``prewarm()``) runs :meth:`StagingPipeline._pipeline`, one call at a time: find the plan the dict
+matches (bad input raises there, before anything is copied), take a host arena
+(:mod:`stager.pool`), copy every region (CPU sources: ``_foreach_copy_``, over up to 8 threads
+when there are many; device sources: the staging program on a side stream, see
+:mod:`stager.device`), rebuild the dict around the staged tensors while device copies are in
+flight, and wait for them (except ``stage_nowait``). Stats are filled and failures cleaned up in
+that one function; plans are not changed once published.
 """
 
 from __future__ import annotations

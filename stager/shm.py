@@ -1,32 +1,10 @@
 """The ``/dev/shm`` files that hold shared arenas: creating, owning and reclaiming stale ones.
 
-A shared arena is one file ``stager-arena-<pid>-<random>`` in the shared-memory directory. Its
-creator holds an exclusive ``flock`` on it for as long as the arena lives (through a file
-descriptor kept open for that purpose), and only its creator removes it:
-
-* **Normal end.** The arena's finalizer unlinks the file, in the creating process only: a forked
-  child inherits the finalizers (and runs them at exit or when it drops the inherited arenas)
-  but not the ownership, which :func:`os.register_at_fork` clears in the child. The child closes
-  its inherited copies of the lock descriptors and never unlocks (``LOCK_UN`` on an inherited
-  descriptor would drop the parent's lock).
-* **SIGTERM** (what schedulers send first). When the process had the default disposition, a
-  handler is installed with the first shared arena: it unlinks this process's arena files, then
-  restores the default and re-sends the signal, so the process still dies of SIGTERM. A handler
-  the user installed is never replaced (it usually exits normally, and the finalizers run). The
-  handler can only be installed from the main thread, and runs once the main thread next executes
-  Python code.
-* **SIGKILL, os._exit, a crash.** Nothing runs; the file stays. Its lock went with the process, so
-  the next process that creates a shared arena reclaims it: a file on which a non-blocking
-  exclusive lock succeeds has no owner left. A lock proves this across PID namespaces (containers
-  sharing one ``/dev/shm``), where the PID in the name does not. The same happens again, before
-  giving up, when ``/dev/shm`` is too full for a new arena.
-
-A new file is created under a ``stager-new-`` name, locked, and only then linked under its arena
-name, so a reclaimer never sees an arena file that is not locked yet. A ``stager-new-`` file left
-by a process killed in that instant is reclaimed once unlocked and a minute old. :func:`map_new`
-makes, reserves and maps a new arena's file.
-
-``python -m stager doctor`` lists these files (:func:`scan`).
+README's "Failure modes" tells a file's life: its creator holds an ``flock`` on it while the arena
+lives and alone removes it (the arena's finalizer, or the SIGTERM handler); a file whose lock is
+free has lost its owner and is reclaimed. A new file is created under a ``stager-new-`` name,
+locked, and only then linked under its arena name, so a reclaimer never sees an unlocked arena
+file. ``python -m stager doctor`` lists these files (:func:`scan`).
 """
 
 from __future__ import annotations
@@ -133,8 +111,6 @@ def _forget_in_child() -> None:
 
 os.register_at_fork(after_in_child=_forget_in_child)
 
-
-
 _sigterm_installed = False
 
 
@@ -154,8 +130,9 @@ def install_sigterm_cleanup() -> bool:
     """Remove this process's arena files on SIGTERM, then die of it as before.
 
     Installs a handler only where SIGTERM has the default disposition and only from the main
-    thread; a handler already there (the user's, or ignoring the signal) is left in place.
-    Returns whether the handler is in place. Called with every new shared arena.
+    thread (it runs once the main thread next executes Python code); a handler already there (the
+    user's, or ignoring the signal) is left in place. Returns whether the handler is in place.
+    Called with every new shared arena.
     """
     global _sigterm_installed
     if threading.current_thread() is not threading.main_thread():
@@ -168,8 +145,6 @@ def install_sigterm_cleanup() -> bool:
     signal.signal(signal.SIGTERM, _on_sigterm)
     _sigterm_installed = True
     return True
-
-
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,11 @@
 """The state-dict tree: one walker, its structure tokens, and the rebuild around staged tensors.
 
-A state dict is a tree of containers (dicts and their subclasses, lists, tuples, named tuples)
-whose leaves are tensors, DTensors, immutable atoms and arbitrary objects. :func:`walk` flattens
-it once, in pre-order, into three lists: structure *tokens* (tuples whose first item is a
-:class:`Token`), the tensors, and the non-tensor leaves; :func:`rebuild` makes the same tree
-again around other tensors (the staged ones). The tokens are what a plan compares on every stage
-to tell two dicts apart, so they hold keys and container classes and never a tensor value.
-
-:func:`children`, :func:`leaves` and :func:`find_cycle` are the plain walk every other part uses
-(restore, the training handle, the benchmarks and the demo): the containers are dicts (any
-``Mapping``), lists and tuples, and a key path is written ``[key]`` per level, as in
+:func:`walk` flattens a state dict (containers: dicts and their subclasses, lists, tuples, named
+tuples; leaves: tensors, DTensors, immutable atoms, other objects) once, in pre-order, into
+structure tokens (tuples headed by a :class:`Token`), the tensors and the other leaves; a plan
+compares the tokens on every stage, so they hold keys and container classes, never a tensor value.
+:func:`rebuild` makes the tree again around other tensors. :func:`children`, :func:`leaves` and
+:func:`find_cycle` are the plain walk every other part uses, with key paths written
 ``['model']['fc.weight']`` (``.name`` for a named tuple's field).
 """
 

@@ -1,19 +1,12 @@
 """Benchmark of ``pack_gather`` against its floor and against a Python loop of ``copy_`` calls.
 
-Run ``python -m stager.benchmarks.kernels [--json FILE]``. Each case is a mix of region sizes; every
-provider packs the same regions into the same kind of buffer:
-
-* ``pack_gather``: the Triton kernel, one launch, with a table prepared once (no host work);
-* ``copy_ loop``: one ``out[offset:offset + n].copy_(region)`` per region, in Python;
-* ``memcpy``: one device-to-device copy of the same number of bytes, contiguous: the floor.
-
-Columns: case, tensors, MiB, provider, blocked ms (how long the call holds the calling thread:
-p50/p20/p80), device ms (``triton.testing.do_bench``, median), GB/s, and ``of floor`` (the
-floor's device time over the provider's: 1.0 is memcpy speed). Warm-up calls are not counted.
-
-Without CUDA the kernel runs in Triton's interpreter on tiny cases and is timed with the host
-clock: those numbers describe the interpreter, are labelled ``CPU (interpreter)``, and say
-nothing about GPU speed.
+Run ``python -m stager.benchmarks.kernels [--json FILE]``. Every provider packs the same regions
+(a mix of sizes per case) into the same kind of buffer: ``pack_gather`` (one launch, its table
+prepared once), ``copy_ loop`` (one ``copy_`` per region, in Python) and ``memcpy`` (one
+device-to-device copy of the same bytes: the floor). ``blocked ms`` is how long the call holds the
+calling thread, ``device ms`` ``triton.testing.do_bench``'s median, ``of floor`` the floor's device
+time over the provider's. Without CUDA the kernel runs in Triton's interpreter on tiny cases,
+timed by the host clock and labelled ``CPU (interpreter)``: it says nothing about GPU speed.
 """
 
 from __future__ import annotations

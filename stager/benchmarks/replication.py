@@ -1,21 +1,15 @@
 """Replication benchmark: the packed arena against PyTorch's per-tensor transport, two gloo ranks.
 
-``python -m stager.benchmarks.replication [--case small] [--iters 5] [--json FILE]``
-
-Two ranks are spawned on this machine (gloo over loopback). Each builds the same workload
-(``stager.benchmarks.staging.make_workload("cpu", case)``), stages it once with :class:`~stager.GraphStager`,
-and then exchanges its staged copy with its partner, timed per exchange (both directions at once):
-
-* ``floor (one message each way)``: one ``isend``/``irecv`` pair of the same number of bytes;
-* ``stager Replicator (packed arena)``: :meth:`stager.distributed.Replicator.replicate`, the
-  staged arena sent as it is, in chunks of at most 256 MiB (the plan went in the warm-up);
-* ``stager Replicator (foreign dict, packed)``: the same for the unstaged workload dict, which
-  the replicator first packs into a host buffer (one ``_foreach_copy_``);
-* ``PGTransport (per tensor)``: ``torch.distributed.checkpoint._pg_transport.PGTransport``, in the
-  order ``_ReplicationStager`` uses (lower rank sends first), without its torch.save persistence.
-
-Times are wall-clock on rank 0 between two barriers; warm-ups are not counted. CPU figures over
-loopback: they compare per-message overhead, not a network.
+``python -m stager.benchmarks.replication [--case small] [--iters 5] [--json FILE]`` spawns two
+ranks on this machine (gloo over loopback); each stages the same workload
+(``staging.make_workload("cpu", case)``) once and exchanges its staged copy with its partner, both
+directions at once: ``floor (one message each way)`` (one ``isend``/``irecv`` pair of the same
+bytes), ``stager Replicator (packed arena)`` (the arena as it is, in chunks of at most 256 MiB),
+``stager Replicator (foreign dict, packed)`` (the unstaged dict, packed into a host buffer first),
+``PGTransport (per tensor)`` (DCP's ``_pg_transport.PGTransport``, the lower rank sending first as
+``_ReplicationStager`` does, without its torch.save persistence). Times are wall-clock on rank 0
+between two barriers, warm-ups not counted: CPU figures over loopback, comparing per-message
+overhead, not a network.
 """
 
 from __future__ import annotations

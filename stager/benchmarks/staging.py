@@ -1,16 +1,9 @@
 """``python -m stager bench``: this stager against PyTorch's stagers and the memcpy floor.
 
-Every case is built by one setup factory shared by all providers; the floor (one copy of the same
-number of bytes into a preallocated host buffer: a CPU memcpy for CPU sources, a pinned
-device-to-host copy for GPU sources) is measured in the same run. Warm-up calls are not counted.
-
-Columns: ``blocked`` is how long the caller of ``stage()`` waited, ``complete`` how long until the
-staged copy was complete (for synchronous providers the two are the same); both as p50 with the
-p20-p80 range, in ms. ``us/tensor`` is the blocked p50 per tensor leaf (the host work a caller
-pays per tensor). ``GB/s`` is bytes / complete (p50); ``x floor`` is complete / the floor's
-complete (lower is better; 1.0 is the floor). Besides PyTorch's stagers, ``bare _foreach_copy_``
-is one ``torch._foreach_copy_`` of the same tensors into destinations allocated once: the least
-any per-tensor copy can cost, with no walk, no check and no new objects.
+One setup factory per case serves every provider; the floor is a CPU memcpy for CPU sources and a
+pinned device-to-host copy for GPU sources. ``blocked`` is how long the caller of ``stage()``
+waited, ``complete`` how long until the staged copy was complete (both p50 with the p20-p80 range,
+in ms); ``GB/s`` is bytes / complete p50 and ``x floor`` complete / the floor's complete.
 """
 
 from __future__ import annotations

@@ -1,21 +1,13 @@
 """``python -m stager.benchmarks.torchtitan``: how long torchtitan's ``save()`` keeps training waiting.
 
 torchtitan's llama3 ``debugmodel`` (6.2M parameters) and its AdamW state on a one-rank gloo group,
-checkpointed every step through torchtitan's own ``CheckpointManager`` flow, with:
-
-* ``stock async``: torchtitan's ``CheckpointManager`` with ``async_mode="async"`` (DCP's
-  ``DefaultStager`` with every option off: a synchronous deep copy inside ``save()``, a writer
-  thread);
-* ``stager async``: :class:`~stager.integrations.torchtitan.StagerCheckpointManager`, same mode
-  (asynchronous staging, a writer thread);
-* ``stager async_with_pinned_mem``: the same in the pinned mode (a writer process, a
-  shared-memory arena). torchtitan's own pinned mode cannot run without an accelerator.
-
-Each save is timed alone: the previous checkpoint's write and staging are waited for first (as
-torchtitan's ``save()`` does itself, and as its trainer does before the optimizer step), so the
-figure is what ``save()`` itself costs the training loop. The first save of each provider (plan,
-allocation, the writer process's start) is reported apart. A GPU run labels its numbers GPU;
-this script reports the device it ran on.
+checkpointed every step through torchtitan's ``CheckpointManager`` flow: ``stock async``
+(``async_mode="async"``: DCP's ``DefaultStager`` with every option off, a synchronous deep copy
+inside ``save()``), ``stager async`` (:class:`~stager.integrations.torchtitan.StagerCheckpointManager`)
+and ``stager async_with_pinned_mem`` (a writer process, a shared-memory arena; torchtitan's own
+pinned mode needs an accelerator). Each save is timed alone, the previous one's write and staging
+waited for first (as ``save()`` and the trainer do), so the figure is what ``save()`` itself costs;
+the first save of each provider (plan, allocation, the writer's start) is reported apart.
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """The checksum sidecar: one JSON file per rank beside a DCP checkpoint, written and read here.
 
-A checkpoint directory written by :class:`~stager.integrity.writer.ChecksumWriter` holds, besides
-DCP's ``.metadata`` and ``__<rank>_<n>.distcp`` files, one sidecar per rank,
-``__<rank>_stager-checksums.json``::
+``__<rank>_stager-checksums.json``, one entry per tensor item the rank saved (README's "Integrity"
+says what it holds and when it is believed)::
 
     {"format": "stager-checksums", "format_version": 1,
      "algorithm": "stager-lanes64", "version": 1,
      "save_id": "<DCP's save id of this save>", "rank": 0, "prefix": "__0_",
      "entries": [{"fqn": "model.fc.weight", "offsets": [0, 0], "sizes": [8, 4],
                   "dtype": "float32", "checksum": "0x0123456789abcdef", "file": "__0_0.distcp"}, ...]}
-
-one entry per tensor item the rank saved (a whole tensor, or this rank's chunk of a DTensor), its
-checksum over the chunk's elements as a contiguous array, as DCP saved it. The save id is the one
-DCP's metadata records (``metadata.storage_meta.save_id``), so a reader can tell the sidecars of
-this save from those an earlier save left in the same directory: :func:`read_checksums` believes
-only the former.
 """
 
 from __future__ import annotations
@@ -69,14 +62,6 @@ def sidecar_document(save_id: str, rank: int, prefix: str, entries: list[dict[st
     }
 
 
-def _sidecar_entries(path: str) -> list[str]:
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return []
-    return sorted(n for n in names if n.endswith(SIDECAR_SUFFIX) and not n.endswith(".tmp"))
-
-
 @dataclass(frozen=True)
 class SavedChecksum:
     """One saved tensor chunk's checksum, as a sidecar records it."""
@@ -102,11 +87,6 @@ class CheckpointChecksums:
     """Sidecars ignored, and why (another save's, another algorithm version, unreadable)."""
 
 
-def _save_id(metadata: Metadata) -> str | None:
-    meta = getattr(metadata, "storage_meta", None)
-    return getattr(meta, "save_id", None) if meta is not None else None
-
-
 def read_checksums(path: str | os.PathLike[str], metadata: Metadata | None = None) -> CheckpointChecksums:
     """The checksums stored beside the checkpoint at ``path`` (empty when written without them).
 
@@ -119,9 +99,13 @@ def read_checksums(path: str | os.PathLike[str], metadata: Metadata | None = Non
         from torch.distributed.checkpoint import FileSystemReader
 
         metadata = FileSystemReader(path).read_metadata()
-    save_id = _save_id(metadata)
+    save_id = getattr(getattr(metadata, "storage_meta", None), "save_id", None)
     out = CheckpointChecksums()
-    for name in _sidecar_entries(path):
+    try:
+        names = sorted(n for n in os.listdir(path) if n.endswith(SIDECAR_SUFFIX) and not n.endswith(".tmp"))
+    except OSError:
+        names = []
+    for name in names:
         full = os.path.join(path, name)
         try:
             with open(full, encoding="utf-8") as f:

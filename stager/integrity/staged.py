@@ -1,18 +1,9 @@
 """Checksums of staged sets: computed once a copy is complete, stored on the set, verified again.
 
-:func:`checksum_staged_set` computes the checksum of every region of a
-:class:`~stager.arena.StagedSet` with one vectorised pass over its arena (numpy, a few cached
-lanes at a time) and stores them on the set (``staged_set.checksums``: ``int64``, one per region;
-``staged_set.checksum_s``: the seconds it took). The staging pipeline calls it after the copy is
-complete (``STAGER_CHECKSUM=on``), passing as ``known`` the values the device staging programs
-computed in their kernels, so that only regions with CPU sources are hashed here;
-:func:`store_checksums` stores values computed elsewhere. Either registers the set, so that code
-that only holds a staged tensor finds its region's checksum: :func:`region_of` (by the tensor's
-storage, which is the region's own storage: a handed-out tensor, a view of it, a replica's
-tensor). The values stay valid until the set is staged into again, which the lease rules forbid
-while anything holds one of its tensors. :func:`verify_staged_tensors` recomputes the checksums
-of the regions under a list of staged tensors and raises :class:`~stager.errors.IntegrityError`
-naming the key path of the first that differs (restore and the replicator call it).
+Storing them (:func:`checksum_staged_set`, :func:`store_checksums`) registers the set, so that code
+holding only a staged tensor (a handed-out one, a view of it, a replica's) finds its region's
+checksum by storage (:func:`region_of`). The values stay valid until the set is staged into again,
+which the lease rules forbid while anything holds one of its tensors.
 """
 
 from __future__ import annotations
@@ -244,7 +235,9 @@ def verify_staged_tensors(
                 f"{format_checksum(int(stored[i]))}, found {format_checksum(int(fresh[i]))}, "
                 f"{ALGORITHM} v{VERSION}); its host memory changed since"
                 + (f", and {bad.size - 1} more region(s) too" if bad.size > 1 else "")
-                + f"; nothing was written. {_staged_advice(what)}",
+                + "; nothing was written. "
+                + ("Restore from a replica or load the last checkpoint instead" if what == "restore"
+                   else "Stage again from the live state, or load the last checkpoint"),
                 path=f"state_dict{paths[i]}",
                 file=None,
                 expected=format_checksum(int(stored[i])),
@@ -254,9 +247,3 @@ def verify_staged_tensors(
         result.nbytes += int(sum(staged_set.plan.regions[int(i)].nbytes for i in idx))
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _staged_advice(what: str) -> str:
-    if what == "restore":
-        return "Restore from a replica or load the last checkpoint instead"
-    return "Stage again from the live state, or load the last checkpoint"
