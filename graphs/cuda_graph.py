@@ -1,22 +1,19 @@
 """Capture a bound staging program as CUDA graphs once, replay it every checkpoint.
 
-The first run of a program on a destination warms it up eagerly on the executor's side stream
-(compiling the pack kernel; this is the checkpoint's copy), then captures it in ``replay_pieces``
-consecutive slices, each its own ``torch.cuda.CUDAGraph`` on that stream; later runs replay them,
-one launch per piece whatever the number of ops.
-
-A capture bakes in, and is keyed by (:class:`CaptureKey`), the program, the destination arena, the
-chunk buffers and any checksum buffers. One executor serves one binding, so its key never changes
-once captured; a run with another key raises. The source addresses are baked in too but checked
-only by the stager's plan check (README.md, "The GPU pipeline"). :class:`CaptureTracker` is the
-capture/replay decision as a pure state machine that counts captures and replays.
+The first run on a destination warms the program up eagerly on the side stream (compiling the pack
+kernel; this is the checkpoint's copy), then captures it in ``replay_pieces`` consecutive slices,
+one ``torch.cuda.CUDAGraph`` each; later runs replay them. A capture is keyed by
+(:class:`CaptureKey`) the program, the destination arena, the chunk buffers and any checksum
+buffers; one executor serves one binding, so a run with another key raises (the source addresses
+are the plan check's to guard). :class:`CaptureTracker` is the capture/replay decision as a pure
+state machine that counts captures and replays.
 
 Capture rules (``torch/cuda/graphs.py``): every buffer is allocated before capture (the checksum's
 few temporaries come from the graph's private pool); destinations are pinned;
 ``capture_error_mode="thread_local"``; ``capture_begin`` is called directly, since
 ``torch.cuda.graph`` synchronises the device and empties the allocator's cache. The done event is
-not captured: :meth:`CudaGraphExecutor.run` records it after the last piece. A failed capture is
-logged once; the executor stays ``FAILED`` and runs eagerly from then on.
+recorded after the last piece, never captured. A failed capture is logged once; the executor
+stays ``FAILED`` and runs eagerly from then on.
 """
 
 from __future__ import annotations

@@ -1,37 +1,23 @@
 """Region checksums on the device: the ``stager-lanes64`` kernel, its launcher and its reference.
 
-Data format
------------
-The regions are those of a region table (``(n, 3)`` int64 rows ``(address, offset, nbytes)``, see
-:mod:`stager.kernels.table`); the ``offset`` column is not used here. The result is an ``int64``
-tensor of ``n`` checksums on the regions' device, one per row, holding the ``uint64`` value of
-:mod:`stager.kernels.lanes64` (same bits). A zero-length region has a checksum too (that of no
-bytes).
+The regions are the rows of a region table (:mod:`stager.kernels.table`; ``offset`` is not used);
+the result is an ``int64`` tensor of ``n`` checksums on the regions' device, one per row, holding
+the ``uint64`` value of :mod:`stager.kernels.lanes64` (same bits); a zero-length region has one
+too (that of no bytes). A :class:`ChecksumTable` is what a launch reads besides the pack table's
+launch rows: per row, its region and the index of its first lane there (rows are chunks of at most
+``BLOCK`` bytes, a multiple of 8, so every chunk starts on a lane), and a buffer for one partial
+sum per row. :func:`prepare_checksum_table` builds it once, before CUDA-graph capture: a launch
+with a prepared table allocates nothing and copies nothing from the host.
 
-A :class:`ChecksumTable` is what a launch reads besides the pack table's launch rows: per launch
-row, the region it belongs to and the index of its first lane in that region (rows are chunks of
-at most ``BLOCK`` bytes, a multiple of 8, so every chunk starts on a lane), and a buffer for one
-partial sum per row. :func:`prepare_checksum_table` builds it once (before CUDA-graph capture: a
-launch with a prepared table allocates nothing and copies nothing from the host).
-
-Kernel
-------
-One program per launch row. It reads its chunk's bytes as lanes (8-byte words when the chunk's
-address is 8-byte aligned, else bytes assembled little-endian), hashes each lane with its index in
-the region, and stores the sum of the hashes as the row's partial. The partials are then added
-per region (``index_add_``: integer addition, so the order does not matter and the result is
-deterministic) and finalised with the byte count, as plain torch ops on the device. All address
-arithmetic is int64, every load is masked, the arithmetic is ``uint64`` (wrapping).
-
-The per-chunk routine (``_chunk_hash_sum``) also runs inside the pack kernel when
-``pack_gather(..., checksums=out)`` asks for it (see :mod:`stager.kernels.pack`): each program
-hashes the chunk it has just copied, so packed regions get their checksums from the same launch
-at no extra pass over device memory.
-
-Backends
---------
-As for the pack kernel (:mod:`stager.kernels.backend`); the plain-torch reference is
-:func:`region_checksums_reference`, bit-identical to the kernel.
+Kernel: one program per launch row reads its chunk as lanes (8-byte words when the chunk's address
+is 8-byte aligned, else bytes assembled little-endian), hashes each lane with its index in the
+region and stores the sum as the row's partial; the partials are added per region (``index_add_``:
+integer addition, so the result is deterministic in any order) and finalised with the byte count
+by plain torch ops on the device. Address arithmetic is int64, every load is masked, the hash is
+``uint64`` (wrapping). The per-chunk routine (``_chunk_hash_sum``) also runs inside the pack
+kernel (``pack_gather(..., checksums=out)``), so packed regions get their checksums at no extra
+pass over device memory. The backends are the pack kernel's (:mod:`stager.kernels.backend`);
+:func:`region_checksums_reference` is the bit-identical plain-torch reference.
 """
 
 from __future__ import annotations

@@ -2,40 +2,23 @@
 
 Regions are rows ``(address, offset, nbytes)`` of a region table (format: :mod:`stager.kernels.table`);
 byte ``offset + k`` of the packed buffer holds byte ``k`` of the region, and bytes outside every
-region are never touched.
+region are never touched. :func:`pack_gather` copies every region into the packed buffer (the
+staging path), :func:`unpack_scatter` copies it back (the restore path). Both take the table or a
+:class:`~stager.kernels.table.PackTable` prepared from it once, with which a launch does no
+host-to-device copy and no per-region host work, as CUDA-graph capture needs.
 
-* :func:`pack_gather` copies every region into the packed buffer (the staging path).
-* :func:`unpack_scatter` copies the packed buffer back to every region (the restore path).
-
-Both take the region table or a :class:`~stager.kernels.table.PackTable` prepared from it once
-(validated, split into chunks of at most ``BLOCK`` bytes, launch table already on the device),
-which is what CUDA-graph capture needs: a launch with a prepared table does no host-to-device
-copy and no per-region host work.
-
-Kernel
-------
-One program per launch-table row (``(address, offset, nbytes, wide)``, chunks of at most
-``BLOCK`` = 16 KiB). A row whose ``wide`` column is non-zero copies that many bytes as 16-byte
-words (pairs of ``int64``, 128-bit loads and stores: source and destination are both 16-byte
-aligned there, which the host checked), plus up to 15 bytes before and 15 after, one byte at a
-time; any other row (misaligned, or shorter than ``WIDE_MIN``) is copied one byte at a time in
-tiles of ``BYTE_TILE``. The wide path also needs the packed buffer itself 16-byte aligned; a
-buffer that is not gets the kernel specialised to bytes only (``WIDE=False``). Addresses are
-int64 and every load and store is masked, the launch-table reads included (``pid < n_blocks``).
-No autotuning: the configuration is fixed, so a warm-up launch compiles exactly what a captured
-graph replays (``n_blocks`` is not specialised on, so one compiled kernel serves every table of
-a given direction and buffer alignment).
-
-Fused checksum
---------------
-``pack_gather(table, out, checksums=c)`` also fills ``c`` (``int64``, one per region) with each
-region's ``stager-lanes64`` checksum: the kernel is specialised with ``CHECKSUM=True`` and each
-program hashes the chunk it has just copied (see :mod:`stager.kernels.checksum`).
-
-Backends
---------
-Where the kernel cannot run (see :mod:`stager.kernels.backend`) the launchers fall back to the
-plain-torch references of :mod:`stager.kernels.reference` (one ``copy_`` per region).
+Kernel: one program per launch-table row (``(address, offset, nbytes, wide)``, chunks of at most
+``BLOCK`` = 16 KiB; format in :mod:`stager.kernels.table`). The ``wide`` bytes move as 16-byte words
+(pairs of ``int64``, 128-bit loads and stores; the host checked both sides' alignment), the rest
+one byte at a time in tiles of ``BYTE_TILE``; a packed buffer that is not 16-byte aligned gets the
+kernel specialised to bytes only (``WIDE=False``). Addresses are int64 and every load and store is
+masked, the launch-table reads included (``pid < n_blocks``). No autotuning: a warm-up launch
+compiles exactly what a captured graph replays (``n_blocks`` is not specialised on, so one
+compiled kernel serves every table of a given direction and buffer alignment). With
+``checksums=`` the kernel is specialised with ``CHECKSUM=True`` and each program hashes the chunk it
+has just copied (:mod:`stager.kernels.checksum`). Where the kernel cannot run
+(:mod:`stager.kernels.backend`), the launchers fall back to the plain-torch references of
+:mod:`stager.kernels.reference` (one ``copy_`` per region).
 """
 
 from __future__ import annotations

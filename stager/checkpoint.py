@@ -134,10 +134,8 @@ def load_checkpoint(
     optimizer's lazy state is first created for exactly the parameters the checkpoint has state
     for (a parameter that never had a gradient has none).
 
-    When the checkpoint carries checksums (see :mod:`stager.integrity`), every tensor loaded on
-    this rank is verified against them before ``load_state_dict``; saved chunks this rank does
-    not hold whole (a resharded load) or loaded into another dtype are reported as unverifiable.
-    A checkpoint without checksums loads as before.
+    Every tensor loaded on this rank is verified against the checkpoint's checksums, when it has
+    them, before ``load_state_dict`` (README.md, "Integrity").
 
     Returns:
         The :class:`~stager.integrity.IntegrityReport` (``has_checksums`` false without them).

@@ -1,27 +1,16 @@
 """The device staging path: one :class:`DeviceCopier` per CUDA device a state dict lives on.
 
-For each ``stage()`` that has regions on its device, a copier (on the staging thread):
-
-1. takes the staging program for the plan (built once per plan: small regions in packed runs,
-   large ones direct, see :mod:`stager.graphs.program`) and makes sure its device chunks exist;
-   where they cannot be allocated (``torch.cuda.OutOfMemoryError``) the program is rebuilt with
-   every region direct and the stats say so;
-2. binds the program to the staged set's arena (once per arena; the plan check before every stage
-   is what guarantees that the sources are still where the bindings say);
-3. makes its low-priority side stream wait for what the caller marked at call time (an event on
-   the caller's current stream, or that stream itself), on the device: the CPU does not wait;
-4. runs the program on the side stream: a CUDA-graph replay (:class:`CudaGraphExecutor`, one per
-   cached arena, since each arena is a different destination) when the arena is cached and
-   pinned and graphs are on; eagerly otherwise;
-5. records the ``done`` event it is given after it, and adds it to a :class:`PendingCopy` with
-   every tensor the queued copies touch (sources, chunks, graphs, arena) until it is waited on.
-
-With ``STAGER_CHECKSUM=on`` the program is a checksum program (:mod:`stager.graphs.program`); the
-copier adds its host checksum buffer to the :class:`PendingCopy`, and :func:`device_checksums` gives
-the pipeline the values once the copy is complete.
-
-The decision packed / direct and the chunk size is taken in one place,
-:meth:`DeviceCopier._decide_packing` (the headroom module plugs in there).
+For each ``stage()`` with regions on its device, a copier (on the staging thread) takes the plan's
+staging program (:mod:`stager.graphs.program`) and its device chunks (on
+``torch.cuda.OutOfMemoryError`` the program is rebuilt with every region direct, and the stats say
+so); binds it to the staged set's arena, once per arena (the plan check before every stage keeps
+the bindings' sources valid); makes its low-priority side stream wait on the device for what the
+caller marked; runs the program there, as a CUDA-graph replay (:class:`CudaGraphExecutor`, one per
+cached arena, each a different destination) when the arena is cached and pinned and graphs are
+on, eagerly otherwise; and records the ``done`` event into a :class:`PendingCopy` with every tensor
+the queued copies touch. A checksum program's host buffer goes into the :class:`PendingCopy` too;
+:func:`device_checksums` reads it once the copy is complete. Packed or direct, and the chunk size,
+are decided in one place, :meth:`DeviceCopier._decide_packing`.
 """
 
 from __future__ import annotations

@@ -1,35 +1,24 @@
 """The staging plan: a state dict flattened once, its storages de-duplicated and laid out in one arena.
 
-A plan is built from one state dict and reused for every later ``stage()`` of a dict with the same
-*signature*: the same nested structure (container types and keys) and, for every tensor, the same
-``(data_ptr, size, stride, dtype)``. :meth:`Plan.matches` is the one place that decides that the
-sources are where the plan says; nothing downstream checks it again (what it reads per call:
-README.md, "Plan once, then replay").
+README.md ("Plan once, then replay") says what a plan's *signature* is and what :meth:`Plan.matches`
+reads per call; nothing downstream checks the sources again.
 
-Layout. Tensors are grouped by source storage. For each storage the plan stages one *region*: the
-byte span that its tensors reference (from the lowest first byte to the highest last byte, the
-start rounded down to the largest element size among them so every view keeps an integral
-``storage_offset``). Regions are laid out back to back in a host arena, each at a multiple of the
-configured alignment. Every staged tensor is rebuilt over its region's staged storage, which is
-exactly the region's bytes, so views stay views, tied weights stay tied and DCP's writer does not
-clone a staged tensor that had a storage of its own.
+Layout. One *region* per source storage: the byte span its tensors reference, its start rounded
+down to the largest element size among them so every view keeps an integral ``storage_offset``,
+placed at a multiple of the configured alignment in the arena. Every staged tensor is rebuilt over
+its region's staged storage, which is exactly the region's bytes.
 
-DTensors. A ``DTensor`` (from ``fully_shard`` or ``distribute_tensor``) is one leaf whose tensor is
-its local shard: the token carries the DTensor's spec (mesh, placements, global shape and stride),
-the signature covers the local tensor, and :func:`stager.tree.rebuild` wraps the staged local tensor in a
-DTensor with the same spec. ``torch.distributed.tensor`` is never imported here: a DTensor can
-only exist once its module is loaded, so the class is looked up in ``sys.modules``.
+DTensors. A ``DTensor`` is one leaf whose tensor is its local shard: the token carries its spec
+(mesh, placements, global shape and stride), the signature covers the local tensor, and
+:func:`stager.tree.rebuild` wraps the staged local tensor in a DTensor with the same spec.
 
-Sources. The plan keeps every source storage and a uint8 view of every source region, which keep
-the sources alive, and each storage's address and the bytes the region needs of it when it was
-planned. The copies read those views. A match therefore needs both halves: the walked tensors
-have the planned signature, *and* every storage is still at its planned address with at least
-the planned bytes. A storage can move under the plan: ``untyped_storage().resize_()``
-(as FSDP does to free and re-gather parameters) gives it new memory and frees the old, which
-another storage can then take, so a new tensor can turn up at a planned address while the view
-the plan would copy from points elsewhere (or at nothing). While both halves hold, an equal
-``data_ptr`` means the same memory. The views are dropped when the plan is replaced or the stager
-is closed.
+Sources. The plan keeps every source storage and a uint8 view of every source region (the copies
+read those), with each storage's address and the bytes the region needs of it. A match needs the
+planned signature *and* every storage still at its planned address with at least those bytes:
+``untyped_storage().resize_()`` (as FSDP does) gives a storage new memory and frees the old, which
+a new tensor can then take at a planned address while the plan's view points elsewhere. While
+both hold, an equal ``data_ptr`` means the same memory. The views are dropped when the plan is
+replaced or the stager is closed.
 """
 
 from __future__ import annotations

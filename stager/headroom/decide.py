@@ -47,13 +47,8 @@ def decide_host(
     any             otherwise                                   raise
     ==============  ==========================================  ==========
 
-    Read as policies: ``fresh`` never touches cached arenas. ``cached`` uses persistent arenas
-    only: it adds one up to the maximum, waits (``wait``) or fails. ``auto`` pins an arena for
-    good only while the host keeps room for one more after it, and otherwise stages into a fresh
-    arena. ``wait`` waits for a held arena rather than allocate another (bounded by
-    ``STAGER_LEASE_TIMEOUT``, enforced by the caller); ``allocate`` never waits and fails when
-    nothing can be allocated. A WAIT needs no new memory (existing arenas are already counted in
-    the reading).
+    (README.md, "Memory headroom", reads the rows as policies.) A WAIT needs no new memory: existing
+    arenas are already counted in the reading; its timeout is the caller's.
 
     Raises :class:`~stager.errors.StagingMemoryError` naming the bytes needed and available, the
     source of the figure (file and values), and the knobs that would change the outcome.
