@@ -34,18 +34,6 @@ def no_ranges(name: str) -> ContextManager[object]:
     return _NULL
 
 
-def _stream_context(stream: torch.cuda.Stream | None) -> ContextManager[object]:
-    if stream is None:
-        return _NULL
-    return torch.cuda.stream(stream)
-
-
-def _device_context(device: torch.device) -> ContextManager[object]:
-    if device.type == "cuda":
-        return torch.cuda.device(device.index)
-    return _NULL
-
-
 def issue_ops(bindings: Bindings, ops: range | None = None, *, ranges: Ranges = no_ranges) -> None:
     """Issue the copy, pack and checksum ops at indices ``ops`` (default: the whole program) on
     the current stream. :class:`~stager.graphs.program.RecordEventOp` marks where the program
@@ -88,7 +76,8 @@ def run_eager(
     the stream after them.
     """
     device = bindings.program.device
-    with _device_context(device), _stream_context(stream):
+    on_device = torch.cuda.device(device.index) if device.type == "cuda" else _NULL
+    with on_device, (_NULL if stream is None else torch.cuda.stream(stream)):
         issue_ops(bindings, ops, ranges=ranges)
         if done is not None:
             done.record()

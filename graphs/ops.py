@@ -1,19 +1,12 @@
 """The ops of a staging program, in the order they run, and the step codes they are bound to.
 
-* :class:`PackOp` -- gather a *run* of small regions into chunk slot ``slot`` with one
-  ``pack_gather`` launch. Each region lands at ``arena_offset - run_start``: the chunk holds the
-  run exactly as the arena lays it out, alignment padding included.
-* :class:`ChunkCopyOp` -- copy the first ``nbytes`` of that slot to ``arena[arena_offset:]`` in
-  one device-to-host copy (the padding bytes it also writes belong to no region).
-* :class:`DirectCopyOp` -- copy one region straight into its arena slot.
-* :class:`ChecksumOp` -- (checksum programs only) hash the directly copied regions from their
-  device sources with one checksum kernel launch.
-* :class:`ChecksumCopyOp` -- (checksum programs only) copy the device checksums to the small
-  host buffer, after every other copy and before the done marker.
-* :class:`RecordEventOp` -- record an event (``done`` closes every program).
-
-Ops name regions by index and bytes by offset, never by address. Each says what it does in one
-line (``text``), given a byte formatter, for :meth:`stager.graphs.program.Program.describe`.
+Per run a :class:`PackOp` and its :class:`ChunkCopyOp`, or a :class:`DirectCopyOp` per region;
+then, in checksum programs only, one :class:`ChecksumOp` (the direct regions, from their device
+sources) and one :class:`ChecksumCopyOp` (to the host, after every other copy); a
+:class:`RecordEventOp` (``done``) closes every program. A pack lays its run out in the chunk
+exactly as the arena does, alignment padding included, so that one copy moves it (the padding
+bytes it also writes belong to no region). Ops name regions by index and bytes by offset, never by
+address; each says what it does in one line (``text``) for :meth:`~stager.graphs.program.Program.describe`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """In-memory restore: copy a staged copy back into the live tensors, in place, bit-exact.
 
-``restore_state(staged, into)`` pairs the tensors of a staged dict with those of ``into`` (the
-live state dict) by key path, checks that the structures match, and copies every staged tensor
-into its live counterpart (README.md, "In-memory restore"). Live CUDA tensors under the pack
-threshold go to the device in runs of at most one chunk (``STAGER_CHUNK_SIZE``) through one reused
-device buffer and one ``unpack_scatter`` launch each, straight from the stager's pinned arena when
-a run lies in it, else packed on the host first; larger, non-contiguous or partly overlapping
-tensors are copied one by one. Restore is eager and ends with the current stream synchronized.
-A staged copy with checksums is verified first (:mod:`stager.integrity`). Only tensors are
-restored; ``WrapHandle.restore`` restores the optimizer's non-tensor state itself.
+``restore_state(staged, into)`` pairs the tensors by key path (README.md, "In-memory restore").
+Live CUDA tensors under the pack threshold go to the device in runs of at most one chunk
+(``STAGER_CHUNK_SIZE``) through one reused device buffer, one ``unpack_scatter`` launch each,
+straight from the pinned arena when a run lies in it, else packed on the host first; larger,
+non-contiguous or partly overlapping tensors are copied one by one. A staged copy with checksums
+is verified first. Only tensors are restored; ``WrapHandle.restore`` restores the optimizer's
+non-tensor state itself.
 """
 
 from __future__ import annotations
@@ -127,11 +125,6 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    same_place = a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
-    return same_place and a.dtype == b.dtype and a.shape == b.shape
-
-
 def _mirrored(si: torch.Tensor, ti: torch.Tensor, sj: torch.Tensor, tj: torch.Tensor) -> bool:
     """Whether the staged pair overlaps exactly as the target pair does (the same byte layout,
     at the same distance), so both writes put the same staged byte at each shared address."""
@@ -176,7 +169,8 @@ def _check_overlaps(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], paths: S
         sj, tj = pairs[j]
         for _, _, i in open_:
             si, ti = pairs[i]
-            if _same_view(ti, tj) or _mirrored(si, ti, sj, tj) or not _bytes_overlap(ti, tj):
+            views = [(t.data_ptr(), t.stride(), t.dtype, t.shape) for t in (ti, tj)]
+            if views[0] == views[1] or _mirrored(si, ti, sj, tj) or not _bytes_overlap(ti, tj):
                 continue
             raise RestoreMismatchError(
                 f"cannot restore state_dict{paths[i]} and state_dict{paths[j]}: their target tensors "

@@ -1,13 +1,8 @@
-"""Replica integrity: one checksum per sent region, and their check on receipt.
+"""Replica integrity: one checksum per sent region, and their check on receipt (README.md, "Integrity").
 
-With ``STAGER_CHECKSUM`` not ``off``, the sender sends one checksum per region after the buffer:
-those stored with the staged copy (computed when it was staged, or when a replica was received:
-no pass over the bytes), else, with ``on``, computed from the regions just before sending. The
-receiver hashes the received regions and compares; a difference (a byte changed in transit, or in
-the sender's memory since the checksums were taken) raises :class:`~stager.errors.IntegrityError`
-naming the key path, and the replica is not returned. The verified checksums are stored with the
-replica, so a restore from it verifies it again first, and sending it back to a restarted rank
-sends them along for that rank to verify on receipt.
+With ``STAGER_CHECKSUM`` not ``off``, the sender sends after the buffer the checksums stored with
+the staged copy (no pass over the bytes), else, with ``on``, ones computed just before sending;
+the receiver hashes what it received, compares, and stores the verified values with the replica.
 """
 
 from __future__ import annotations

@@ -74,12 +74,6 @@ class IntegrityReport:
         return not self.mismatches
 
 
-def _key_path(path: tuple[Any, ...] | None, fqn: str) -> str:
-    if not path:
-        return fqn
-    return "state_dict" + "".join(f"[{k!r}]" for k in path)
-
-
 def _local_chunk(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] | None:
     """(the tensor this rank holds, the global offsets of its first element) or None."""
     local = getattr(t, "_local_tensor", None)
@@ -127,7 +121,8 @@ def _check_loaded(
         view = local
         for d, (b, o, s) in enumerate(zip(base, offsets, e.sizes)):
             view = view.narrow(d, o - b, s)
-        todo.append((e, view, _key_path(paths.get(fqn), fqn)))
+        path = paths.get(fqn)
+        todo.append((e, view, "state_dict" + "".join(f"[{k!r}]" for k in path) if path else fqn))
     if not todo:
         return
     found = tensor_checksums([v for _, v, _ in todo], reuse_staged=False)
