@@ -1,14 +1,10 @@
 """Run a bound staging program now, op by op, on one stream.
 
-This is the executor for the CPU (programs over CPU tensors, packed with the Triton interpreter or
-the plain-torch reference), for the fresh path (an arena used once is not worth a capture), for
-the warm-up before a capture (the first launch compiles the pack kernel), and for the fallback
-when capture is off or failed. The same function issues the ops under capture, so what is
-replayed is exactly what ran eagerly.
-
-Profiler ranges come from the caller: ``ranges`` makes the context manager for a phase name
-(``stager/pack``, ``stager/copy``; the stager passes one built from ``STAGER_NVTX``); by default
-there are none.
+The executor for CPU programs (packed with the Triton interpreter or the plain-torch reference),
+for the fresh path (an arena used once is not worth a capture), for the warm-up before a capture
+(the first launch compiles the pack kernel) and for the fallback when capture is off or failed.
+The same function issues the ops under capture, so what is replayed is exactly what ran eagerly.
+Profiler ranges come from the caller (``ranges``: a context manager per phase name); none by default.
 """
 
 from __future__ import annotations

@@ -46,14 +46,10 @@ def _probe(x):
     return x
 
 
-def _interpreting() -> bool:
-    if triton is None:
-        return False
-    interpreted = getattr(getattr(triton.runtime, "interpreter", None), "InterpretedFunction", None)
-    return interpreted is not None and isinstance(_probe, interpreted)
-
-
-_INTERPRET = _interpreting()
+_INTERPRETED = None if triton is None else getattr(
+    getattr(triton.runtime, "interpreter", None), "InterpretedFunction", None
+)
+_INTERPRET = _INTERPRETED is not None and isinstance(_probe, _INTERPRETED)
 
 
 def triton_available() -> bool:

@@ -1,7 +1,5 @@
 """The region checksum ``stager-lanes64`` version 1: its definition and its host implementations.
 
-Definition
-----------
 A region is a sequence of ``n >= 0`` bytes. Cut it into ``L = ceil(n / 8)`` *lanes*: lane ``i``
 is bytes ``8i .. 8i+7`` read as a little-endian unsigned 64-bit integer; the last lane, when ``n``
 is not a multiple of 8, takes the remaining ``n % 8`` bytes and zeros above them (the *tail
@@ -19,15 +17,13 @@ function, not a proof). Lanes are independent until the sum, so the checksum par
 any split of a region: each piece adds its ``h_i`` with ``i`` counted from the region's start, and
 partial sums add up in any order. It is not cryptographic: it finds corruption, not tampering.
 
-Host implementations, both bit-identical to the definition and to the Triton kernel
-(:mod:`stager.kernels.checksum`):
-
-* :func:`checksum_bytes`: pure Python, one region at a time: the executable specification.
-* :func:`checksum_tensor_torch`: plain torch on any device (``int64`` arithmetic wraps; a logical
-  right shift is an arithmetic one masked to the bits that stay); the kernel's reference.
-* :func:`span_checksums`: vectorised numpy over many regions of one host buffer, a few lanes
-  chunk at a time (chunks stay in cache), with per-region sums by ``np.add.reduceat``: the CPU
-  path of :mod:`stager.integrity`.
+Host implementations, bit-identical to the definition and to the Triton kernel
+(:mod:`stager.kernels.checksum`): :func:`checksum_bytes` (pure Python, the executable
+specification); :func:`checksum_tensor_torch` (plain torch on any device: ``int64`` arithmetic
+wraps, a logical right shift is an arithmetic one masked to the bits that stay; the kernel's
+reference); :func:`span_checksums` (vectorised numpy over many regions of one host buffer, a few
+lanes chunk at a time so chunks stay in cache, per-region sums by ``np.add.reduceat``: the CPU
+path of :mod:`stager.integrity`).
 
 Checksums are ``uint64`` values; tensors hold them as ``int64`` with the same bits
 (:func:`to_signed`, :func:`to_unsigned`) and messages print them as 16 hex digits

@@ -1,7 +1,5 @@
 """Region tables: what the pack/unpack kernels copy, validated once and laid out for launch.
 
-Data format
------------
 A *region table* is an ``int64`` tensor of shape ``(n, 3)``, one row per region::
 
     table[i] = (address, offset, nbytes)

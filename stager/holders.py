@@ -22,19 +22,15 @@ __all__ = ["traceback_holders"]
 _MAX_DEPTH = 6  # how deep into a local's containers to look for a staged tensor
 
 
-def _in_ranges(t: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> bool:
-    if t.device.type != "cpu":
-        return False
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
-        return False
-    return any(lo <= ptr < hi for lo, hi in ranges)
-
-
 def _holds(value: Any, ranges: Sequence[tuple[int, int]], depth: int = 0) -> bool:
     if isinstance(value, torch.Tensor):
-        return _in_ranges(value, ranges)
+        if value.device.type != "cpu":
+            return False
+        try:
+            ptr = value.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return False
+        return any(lo <= ptr < hi for lo, hi in ranges)
     if depth >= _MAX_DEPTH:
         return False
     if isinstance(value, dict):

@@ -1,15 +1,11 @@
 """The arena pool: the plans a stager keeps, their host arenas, and which arena a stage takes.
 
-A stager keeps up to ``max_plans`` plans, most recently used first, each in a :class:`PlanSlot`
-with the staged sets (cached arenas) laid out for it. Only the plan in use holds its sources:
-another one is *demoted* (it keeps its layout and arenas but lets go of its sources and, on a
-GPU, of the bindings and graphs that hold them). A plan that falls out of the ``max_plans`` or
-whose sources are all gone is dropped: its free arenas become spares for the next plan (up to
-``max_arenas``).
-
-:meth:`ArenaPool.acquire` chooses the host arena of each stage, following
-:func:`stager.headroom.decide_host`. Arenas made for one checkpoint only (*fresh*) are counted
-until their staged dict is released.
+A stager keeps up to ``max_plans`` plans (README.md, "Plan once, then replay"), each in a
+:class:`PlanSlot` with the staged sets (cached arenas) laid out for it. A plan not in use is
+*demoted*: it keeps its layout and arenas but lets go of its sources and, on a GPU, of the
+bindings and graphs that hold them. A dropped plan's free arenas become spares for the next plan
+(up to ``max_arenas``). :meth:`ArenaPool.acquire` chooses each stage's host arena; arenas made
+for one checkpoint only (*fresh*) are counted until their staged dict is released.
 """
 
 from __future__ import annotations
@@ -257,7 +253,8 @@ class ArenaPool:
                 continue
             if not inspected and time.perf_counter() - t0 >= min(_INSPECT_AFTER_S, cfg.lease_timeout):
                 inspected = True
-                holders = traceback_holders(self._leased_ranges())
+                leased = [(s.arena.ptr, s.arena.ptr + s.arena.nbytes) for s in self.sets if s.leased()]
+                holders = traceback_holders(leased)
                 if holders:
                     s = self._instead_of_waiting(plan, host, stats, holders)
                     if s is not None:
@@ -279,9 +276,6 @@ class ArenaPool:
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
-
-    def _leased_ranges(self) -> list[tuple[int, int]]:
-        return [(s.arena.ptr, s.arena.ptr + s.arena.nbytes) for s in self.sets if s.leased()]
 
     def _decide(
         self, plan: Plan, host: HostReading, cache_policy: CachePolicy, lease_policy: LeasePolicy

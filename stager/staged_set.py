@@ -1,13 +1,11 @@
 """Staged sets: the staged tensors of one plan over one host arena, and their leases.
 
-A :class:`StagedSet` is the set of staged tensors of one plan over one arena. Each region gets its
-own storage of exactly its bytes (``torch.frombuffer`` over the arena), each leaf a tensor over that
-storage. The set is created once and handed out again on later stages, as long as it is not
-*leased*: a staged set is leased while anything outside the stager still references one of its
-tensors or storages (its staged dict, a view, a writer's reference). The check compares Python
-reference counts of the staged tensors and the use counts of the staged storages with the values
-they had when the set was built, so it costs two C-level passes over the leaves and no
-allocation.
+Each region gets its own storage of exactly its bytes (``torch.frombuffer`` over the arena), each
+leaf a tensor over that storage. A :class:`StagedSet` is created once and handed out again on
+later stages while it is not *leased*: while nothing outside the stager references one of its
+tensors or storages (its staged dict, a view, a writer's reference). The check compares the Python
+reference counts of the staged tensors and the use counts of the staged storages with their values
+when the set was built: two C-level passes over the leaves, no allocation.
 """
 
 from __future__ import annotations

@@ -168,7 +168,9 @@ class WrapHandle:
             # Later copies queue behind earlier ones on the side stream: the newest covers all.
             self._pending = pending
             self._events = events
-            handoff = self._waiter_pool().submit(_wait_then_return, pending, staged)
+            if self._waiter is None:
+                self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-wrap")
+            handoff = self._waiter.submit(_wait_then_return, pending, staged)
         self._last_staged = staged
         ticket.staged.set()  # the live tensors may change now (after the device fence)
         del pending
@@ -283,11 +285,6 @@ class WrapHandle:
         if isinstance(staged, Future):  # a user-supplied stager with async staging
             staged = staged.result()
         return staged, None
-
-    def _waiter_pool(self) -> ThreadPoolExecutor:
-        if self._waiter is None:
-            self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-wrap")
-        return self._waiter
 
     def _wait_staging(self) -> None:
         ticket = self._staging

@@ -1,11 +1,9 @@
 """Headroom: one reading of the memory the stager may use, and where each figure came from.
 
-A reading has three parts: **host** (the cgroup limit and ``MemAvailable``, with ``/dev/shm``'s
-free space when shared memory is on, divided among the local ranks: README.md, "Memory headroom"),
-**device** (NVML free memory plus what PyTorch's caching allocator holds reserved but unallocated;
-``torch.cuda.mem_get_info`` without NVML) and **link** (the PCIe generation and width, as a
-theoretical one-direction bandwidth). :func:`decide_host` and :func:`decide_device` are pure
-decisions over injected readings.
+A reading has three parts: **host** (README.md, "Memory headroom"), **device** (NVML free memory
+plus what PyTorch's caching allocator holds reserved but unallocated; ``torch.cuda.mem_get_info``
+without NVML) and **link** (the PCIe generation and width, as a theoretical one-direction
+bandwidth). :func:`decide_host` and :func:`decide_device` are pure decisions over injected readings.
 
 Importing this module initialises neither CUDA nor NVML. NVML is initialised on first use, once,
 under a lock; a failure is remembered and reported as ``"NVML unavailable: <reason>"``, never
