@@ -215,7 +215,7 @@ class StagingPipeline:
 
     def _copy_cpu(self, plan: Plan, staged_set: StagedSet) -> None:
         # Many small CPU regions cost ~2 us of per-tensor overhead each inside _foreach_copy_, not
-        # bandwidth: split them over up to torch.get_num_threads() threads (the op drops the GIL).
+        # bandwidth: split them over up to min(8, torch.get_num_threads()) threads (the op drops the GIL).
         n = len(plan.cpu_src)
         if not n:
             return
