@@ -29,6 +29,7 @@ import torch
 from stager import nvtx
 from stager.errors import CheckpointWriteError
 from stager.stats import StageStats
+from stager.threads import worker_pool
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
@@ -251,7 +252,7 @@ class CheckpointWrites:
             self._uploads[record.path] = result
         if previous is not None and not previous.done():
             if self._deferred is None:
-                self._deferred = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-deferred-write")
+                self._deferred = worker_pool(1, "stager-deferred-write")
             self._deferred.submit(self._save_after, previous, record, result, staged, handoff)
         else:
             self._save(record, result, staged, handoff)

@@ -33,6 +33,7 @@ from stager.pool import ArenaPool, PlanSlot
 from stager.staged_set import StagedSet
 from stager.stats import DevicePath, Executor, StageStats
 from stager.stats import record as record_stats
+from stager.threads import worker_pool
 from stager.tree import find_cycle, rebuild, walk
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ __all__ = ["StagingPipeline"]
 log = logging.getLogger("stager")
 
 _REGIONS_PER_THREAD = 1024  # below this many CPU regions per thread, one thread copies them all
+_BYTES_PER_THREAD = 4 << 20  # and below this many bytes per thread
 _VERSION = attrgetter("_version")
 
 
@@ -214,18 +216,22 @@ class StagingPipeline:
             return self._pool.add(plan), tensors, tokens, others
 
     def _copy_cpu(self, plan: Plan, staged_set: StagedSet) -> None:
-        # Many small CPU regions cost ~2 us of per-tensor overhead each inside _foreach_copy_, not
-        # bandwidth: split them over up to min(8, torch.get_num_threads()) threads (the op drops the GIL).
+        # Many small CPU regions cost ~2 us of per-tensor overhead each inside _foreach_copy_, and
+        # large ones bandwidth: split the bytes over up to min(8, torch.get_num_threads()) threads
+        # (the op drops the GIL), each running on itself alone (see stager.threads).
         n = len(plan.cpu_src)
         if not n:
             return
-        parts = max(1, min(self._cpu_threads, n // _REGIONS_PER_THREAD))
+        wanted = n // _REGIONS_PER_THREAD
+        if torch.get_num_threads() == 1:  # one of the stager's threads: no OpenMP to split the bytes
+            wanted = max(wanted, staged_set.cpu_bytes // _BYTES_PER_THREAD)
+        parts = max(1, min(self._cpu_threads, wanted))
         with nvtx.range("stager/copy", self.config.nvtx):
             if parts == 1:
                 torch._foreach_copy_(staged_set.cpu_dst, plan.cpu_src)
                 return
             if self._copy_pool is None:
-                self._copy_pool = ThreadPoolExecutor(self._cpu_threads - 1, thread_name_prefix="stager-copy")
+                self._copy_pool = worker_pool(self._cpu_threads - 1, "stager-copy")
             first, *rest = staged_set.cpu_parts(parts)
             futures = [self._copy_pool.submit(torch._foreach_copy_, dst, src) for dst, src in rest]
             try:

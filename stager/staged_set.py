@@ -59,7 +59,8 @@ class StagedSet:
                 torch.frombuffer(arena.array, dtype=torch.uint8, count=r.nbytes, offset=r.arena_offset)
             )
         self.cpu_dst = [self.bases[i] for i in plan.cpu_index]
-        self._cpu_parts: dict[int, list[tuple[int, int, list[torch.Tensor]]]] = {}
+        self.cpu_bytes = sum(plan.regions[i].nbytes for i in plan.cpu_index)
+        self._cpu_parts: dict[int, list[tuple[int, int, int, int]]] = {}
         storages = [b.untyped_storage() for b in self.bases]
         self.tensors: list[torch.Tensor] = [_make_leaf(leaf, storages) for leaf in plan.leaves]
         self._storages = storages
@@ -71,20 +72,19 @@ class StagedSet:
         return list(map(torch.Tensor.detach, self.tensors))
 
     def cpu_parts(self, parts: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-        """The CPU regions' ``(destinations, sources)`` split into ``parts`` consecutive slices.
+        """The CPU regions' ``(destinations, sources)`` cut into ``parts`` runs of equal bytes.
 
-        The destinations' slices are made once; the sources are sliced from the plan's current
-        ``cpu_src`` on every call (a plan that is demoted and adopted again gets new source views,
-        and a cache of the old ones would keep the old storages alive and copy from them).
+        A run is consecutive regions; a region at a cut is split there (its first bytes end one
+        run, the rest start the next), so one large region is copied by several threads too. The
+        cuts are found once; the views are cut on every call (a view of a staged storage kept
+        here would count as a holder of the set, and the plan's ``cpu_src`` are new views after
+        the plan is demoted and adopted again: old ones would keep the old storages alive).
         """
-        cached = self._cpu_parts.get(parts)
-        if cached is None:
-            n = len(self.cpu_dst)
-            bounds = [n * i // parts for i in range(parts + 1)]
-            cached = [(a, b, self.cpu_dst[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
-            self._cpu_parts[parts] = cached
+        runs = self._cpu_parts.get(parts)
+        if runs is None:
+            runs = self._cpu_parts[parts] = _byte_runs([t.numel() for t in self.cpu_dst], parts)
         src = self.plan.cpu_src
-        return [(dst, src[a:b]) for a, b, dst in cached]
+        return [(_cut(self.cpu_dst, *run), _cut(src, *run)) for run in runs]
 
     def _counts(self) -> tuple[list[int], list[int]]:
         # Python references to the (unique) Python storage objects, and C++ uses of the storages:
@@ -123,3 +123,29 @@ class StagedSet:
         """End the in-flight mark once the staged dict that holds the tensors exists."""
         self.handed_out = True
         self.in_flight = False
+
+
+def _byte_runs(sizes: list[int], parts: int) -> list[tuple[int, int, int, int]]:
+    """``(a, lo, b, hi)`` per run of about ``sum(sizes) / parts`` bytes: regions ``a`` to ``b``
+    (inclusive), from byte ``lo`` of region ``a`` to byte ``hi`` (exclusive) of region ``b``."""
+    total = sum(sizes)
+    runs: list[tuple[int, int, int, int]] = []
+    i = off = done = 0  # the next byte to copy: ``off`` of region ``i``; ``done`` bytes before it
+    for k in range(1, parts + 1):
+        a, lo, target = i, off, total * k // parts
+        while done < target:
+            take = min(sizes[i] - off, target - done)
+            done, off = done + take, off + take
+            if off == sizes[i]:
+                i, off = i + 1, 0
+        if (i, off) != (a, lo):
+            runs.append((a, lo, i, off) if off else (a, lo, i - 1, sizes[i - 1]))
+    return runs
+
+
+def _cut(views: list[torch.Tensor], a: int, lo: int, b: int, hi: int) -> list[torch.Tensor]:
+    """``views[a..b]`` with the first starting at byte ``lo`` and the last ending at ``hi``."""
+    if a == b:
+        return [views[a][lo:hi]]
+    return [views[a][lo:], *views[a + 1 : b], views[b][:hi]]
+

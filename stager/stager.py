@@ -32,6 +32,7 @@ from stager.pool import PlanSlot
 from stager.segments import find_segment
 from stager.staged_set import StagedSet
 from stager.stats import StageStats
+from stager.threads import worker_pool
 from stager.tree import walk
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class GraphStager(StagingPipeline):
             result: Future = Future()
             with self._counter_lock:  # two threads' first calls must not make two executors
                 if self._executor is None:
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager")
+                    self._executor = worker_pool(1, "stager")
             # The caller's Future is not the one the stager keeps (to wait on in
             # synchronize_staging and close): a Future holding the staged dict would keep its
             # arena leased after the caller dropped it.

@@ -24,6 +24,7 @@ from stager.errors import CheckpointWriteError, StagerClosedError
 from stager.live import LiveState, Snapshot
 from stager.stager import GraphStager
 from stager.stats import StageStats
+from stager.threads import worker_pool
 from stager.tree import tensors_in
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ class WrapHandle:
         self._writes.track(ticket.result)
         self._staging = ticket
         if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-checkpoint")
+            self._worker = worker_pool(1, "stager-checkpoint")
         self._worker.submit(self._run_checkpoint, ticket, record, marks, snapshot)
         record.blocked_s = time.perf_counter() - t0
         return ticket.result
@@ -169,7 +170,7 @@ class WrapHandle:
             self._pending = pending
             self._events = events
             if self._waiter is None:
-                self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stager-wrap")
+                self._waiter = worker_pool(1, "stager-wrap")
             handoff = self._waiter.submit(_wait_then_return, pending, staged)
         self._last_staged = staged
         ticket.staged.set()  # the live tensors may change now (after the device fence)

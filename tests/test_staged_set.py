@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _helpers import assert_same
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stager import GraphStager, LeaseTimeoutError
+from stager.staged_set import _byte_runs
 
 
 def _tamper(t: torch.Tensor) -> None:
@@ -84,3 +87,39 @@ def test_without_storage_use_counts_a_handed_out_arena_is_never_reused(
         with pytest.raises(LeaseTimeoutError):
             stager.stage(sd)
         assert torch.equal(view, torch.zeros(6))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=10), st.integers(1, 8))
+def test_cpu_runs_cover_every_byte_once_in_order_and_split_the_bytes_evenly(
+    sizes: list[int], parts: int
+) -> None:
+    runs = _byte_runs(sizes, parts)
+    pieces = [
+        (r, lo if r == a else 0, hi if r == b else sizes[r]) for a, lo, b, hi in runs for r in range(a, b + 1)
+    ]
+    assert all(0 <= s < e <= sizes[r] for r, s, e in pieces)
+    flat = [(r, byte) for r, s, e in pieces for byte in range(s, e)]
+    assert flat == [(r, byte) for r, n in enumerate(sizes) for byte in range(n)]
+    per_run = [sum(hi - lo for _, lo, hi in _pieces_of(run, sizes)) for run in runs]
+    assert max(per_run) - min(per_run) <= 1 and len(runs) == min(parts, sum(sizes))
+
+
+def _pieces_of(run: tuple[int, int, int, int], sizes: list[int]) -> list[tuple[int, int, int]]:
+    a, lo, b, hi = run
+    return [(r, lo if r == a else 0, hi if r == b else sizes[r]) for r in range(a, b + 1)]
+
+
+def test_the_staging_thread_splits_large_regions_over_its_copy_threads_bit_exactly() -> None:
+    sd = {"big": torch.randn(3_000_000), "odd": torch.randint(0, 255, (5_000_001,), dtype=torch.uint8),
+          "small": [torch.full((7,), float(i)) for i in range(5)]}
+    with GraphStager(async_staging=True, cache_policy="cached") as stager:
+        for _ in range(2):
+            out = stager.stage(sd).result()
+            assert_same(sd, out)
+            del out
+        if stager._executor.submit(torch.get_num_threads).result() == 1 and stager._cpu_threads > 1:
+            # an OpenMP torch: the staging thread copies on itself alone, and splits the bytes
+            staged_set = next(iter(stager._sets))
+            (first, _), (second, _) = staged_set.cpu_parts(2)
+            assert first[-1].data_ptr() + first[-1].numel() == second[0].data_ptr()  # one region, cut
