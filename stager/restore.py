@@ -52,11 +52,10 @@ def _mismatch(path: str, problem: str) -> RestoreMismatchError:
 
 def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor, str]]) -> None:
     s_tensor, t_tensor = isinstance(s, torch.Tensor), isinstance(t, torch.Tensor)
-    s_cls, t_cls = type(s).__name__, type(t).__name__
     if s_tensor or t_tensor:
         if not (s_tensor and t_tensor):
-            got = _describe(t) if t_tensor else t_cls
-            want = _describe(s) if s_tensor else s_cls
+            got = _describe(t) if t_tensor else type(t).__name__
+            want = _describe(s) if s_tensor else type(s).__name__
             raise _mismatch(path, f"the staged copy has {want} but the target has {got}")
         if s.dtype != t.dtype or s.shape != t.shape:
             raise _mismatch(path, f"the staged copy has {_describe(s)} but the target has {_describe(t)}")
@@ -64,9 +63,11 @@ def _match(s: Any, t: Any, path: str, out: list[tuple[torch.Tensor, torch.Tensor
             what = f"the target is a meta tensor ({_describe(t)}) with no memory to restore into"
             raise _mismatch(path, what)
         out.append((s, t, path))
-    elif not (holds_tensor(s) or holds_tensor(t)):
+        return
+    if not (holds_tensor(s) or holds_tensor(t)):
         return  # no tensor on either side: nothing to restore here, whatever its shape
-    elif isinstance(s, Mapping):
+    s_cls, t_cls = type(s).__name__, type(t).__name__  # for the messages below
+    if isinstance(s, Mapping):
         if not isinstance(t, Mapping):
             raise _mismatch(path, f"the staged copy has a {s_cls} but the target has {t_cls}")
         if s.keys() != t.keys():

@@ -130,14 +130,31 @@ def leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
             stack.extend(reversed([(p + k, v) for k, v in items]))
 
 
+def _values(obj: Any) -> Iterator[Any]:
+    """The leaves under ``obj`` in order, as :func:`leaves` finds them, without their key paths."""
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _values(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _values(v)
+    else:
+        yield obj
+
+
 def holds_tensor(obj: Any) -> bool:
-    """Whether ``obj`` is a tensor, or a mapping, list or tuple with a tensor somewhere inside."""
-    return any(isinstance(v, torch.Tensor) for _, v in leaves(obj))
+    """Whether ``obj`` is a tensor, or a mapping, list or tuple with a tensor somewhere inside
+    (stops at the first)."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, Mapping):
+        return any(map(holds_tensor, obj.values()))
+    return isinstance(obj, (list, tuple)) and any(map(holds_tensor, obj))
 
 
 def tensors_in(obj: Any) -> list[torch.Tensor]:
     """Every tensor leaf under ``obj``, in order (tensors inside other objects are not reached)."""
-    return [v for _, v in leaves(obj) if isinstance(v, torch.Tensor)]
+    return [v for v in _values(obj) if isinstance(v, torch.Tensor)]
 
 
 class _Finder(pickle.Pickler):
